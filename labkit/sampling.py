@@ -1,0 +1,204 @@
+"""Rollouts and log-probs: batched sampling at the task temperature, truncation, scoring passes.
+
+Conventions (shapes): B batch, Q query length (left-padded), R response length, H hidden size, V vocab.
+- Queries are left-padded; the attention mask comes from `query_lengths`, never from `token == pad`.
+- Position ids are `cumsum(mask) - 1`, so a left-padded row sees the same positions as the row alone.
+- Responses are exactly R tokens: EOS does not stop generation and is not forbidden either (HF's
+  `min_new_tokens` would forbid it and so change the distribution; we run our own KV-cache loop).
+- Log-probs are of the temperature-scaled distribution, log softmax(logits / T), for the sampler and
+  for every scoring pass (the paper: the KL is between the tempered distributions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from labkit.tasks import Task, token_ids_matching, truncation_index
+
+
+def unwrap(model):
+    """The plain transformers model under a peft wrapper (adapters stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def pad_left(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: ids (B, Q) and lengths (B,)."""
+    if not seqs:
+        raise ValueError("pad_left needs at least one sequence.")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
+def left_pad_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) long mask that is 1 on the last `lengths[b]` positions of each row."""
+    cols = torch.arange(width, device=lengths.device)
+    return (cols[None, :] >= (width - lengths)[:, None]).long()
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a (possibly left-padded) mask: cumsum - 1, clamped at 0 on padding."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses and everything PPO and the labeler need about them."""
+
+    query_ids: torch.Tensor  # (B, Q) left-padded
+    query_lengths: torch.Tensor  # (B,)
+    response_ids: torch.Tensor  # (B, R) all R sampled tokens; PPO trains on and charges KL for all
+    logprobs: torch.Tensor  # (B, R) tempered log-probs of response_ids under the sampler
+    truncated_ids: torch.Tensor  # (B, R) response_ids with everything after the truncation token = pad
+    truncated_lengths: torch.Tensor  # (B,) tokens kept by truncation (R when no truncation token)
+    found: torch.Tensor  # (B,) bool: a truncation token was found (else the score becomes the penalty)
+    query_texts: list[str]
+    response_texts: list[str]  # decoded truncated responses: what the reward model and labelers see
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+
+def truncate(response_ids: torch.Tensor, task: Task, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply the task's truncation rule: (truncated_ids (B, R), lengths (B,), found (B,) bool)."""
+    match = token_ids_matching(tokenizer, task.truncation.text)
+    rows = response_ids.tolist()
+    out = response_ids.clone()
+    lengths, found = [], []
+    for b, row in enumerate(rows):
+        idx = truncation_index(row, task.truncation, match)
+        keep = len(row) if idx is None else idx + 1  # the truncation token itself is kept
+        out[b, keep:] = tokenizer.pad_token_id
+        lengths.append(keep)
+        found.append(idx is not None)
+    dev = response_ids.device
+    return out, torch.tensor(lengths, device=dev), torch.tensor(found, dtype=torch.bool, device=dev)
+
+
+def decode_responses(tokenizer, ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    return tokenizer.batch_decode([row[:n] for row, n in zip(ids.tolist(), lengths.tolist())], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    queries: list[list[int]],
+    task: Task,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    response_length: int | None = None,
+) -> Rollout:
+    """Sample exactly `task.response_length` tokens per query at the task temperature (top_k 0, top_p 1).
+
+    `generator` makes sampling reproducible (it must live on the model's device). `batch_size` splits a
+    large request into chunks to bound memory; all chunks share one left-padding width.
+    """
+    device = next(model.parameters()).device
+    R = response_length or task.response_length
+    query_ids, query_lengths = pad_left(queries, tokenizer.pad_token_id, device)
+    step = batch_size or len(queries)
+    responses, logprobs = [], []
+    for start in range(0, len(queries), step):
+        ids, lp = _sample_chunk(model, query_ids[start : start + step], query_lengths[start : start + step], R, task.temperature, generator)
+        responses.append(ids)
+        logprobs.append(lp)
+    response_ids = torch.cat(responses)
+    truncated_ids, truncated_lengths, found = truncate(response_ids, task, tokenizer)
+    return Rollout(
+        query_ids=query_ids,
+        query_lengths=query_lengths,
+        response_ids=response_ids,
+        logprobs=torch.cat(logprobs),
+        truncated_ids=truncated_ids,
+        truncated_lengths=truncated_lengths,
+        found=found,
+        query_texts=tokenizer.batch_decode(queries, skip_special_tokens=True),
+        response_texts=decode_responses(tokenizer, truncated_ids, truncated_lengths),
+    )
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; support both."""
+    import inspect
+
+    params = inspect.signature(unwrap(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
+    """KV-cache sampling loop: (response_ids (B, R), logprobs (B, R)). Only last-position logits are kept."""
+    B, Q = query_ids.shape
+    mask = left_pad_mask(query_lengths, Q)
+    pos = positions(mask)
+    out = model(input_ids=query_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    tokens = torch.empty(B, R, dtype=torch.long, device=query_ids.device)
+    logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    cache_arg = _cache_argument(model)
+    for t in range(R):
+        logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+        tokens[:, t] = tok[:, 0]
+        logprobs[:, t] = logp.gather(-1, tok)[:, 0]
+        if t == R - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        cache = out.cache if cache_arg == "cache" else out.past_key_values
+        out = model(input_ids=tok, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_arg: cache})
+        next_pos = next_pos + 1
+    return tokens, logprobs
+
+
+@dataclass
+class ResponseForward:
+    """Per-response-token outputs of one forward pass over query + response."""
+
+    logprobs: torch.Tensor  # (B, R) tempered log-probs of the response tokens
+    entropy: torch.Tensor | None  # (B, R) entropy of the tempered distribution, if asked for
+    hidden: torch.Tensor | None  # (B, R, H) final hidden state at the position before each response token
+
+
+def forward_responses(
+    model,
+    query_ids: torch.Tensor,
+    query_lengths: torch.Tensor,
+    response_ids: torch.Tensor,
+    temperature: float,
+    want_entropy: bool = False,
+    want_hidden: bool = False,
+) -> ResponseForward:
+    """Score `response_ids` (B, R) after left-padded queries under `model` (grad follows the caller).
+
+    The trunk runs once; the vocabulary head is applied only at the R positions that predict response
+    tokens (position Q-1+t predicts response token t), so no (B, Q+R, V) logits tensor is ever built.
+    """
+    base = unwrap(model)
+    trunk = getattr(base, base.base_model_prefix)
+    head = base.get_output_embeddings()
+    B, Q = query_ids.shape
+    R = response_ids.shape[1]
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
+    mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)
+    hidden = trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    h = hidden[:, Q - 1 : Q + R - 1]  # (B, R, H)
+    logits = head(h).float() / temperature  # (B, R, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if want_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return ResponseForward(logprobs=logprobs, entropy=entropy, hidden=h if want_hidden else None)
+
+
+def score_logprobs(model, query_ids, query_lengths, response_ids, temperature: float) -> torch.Tensor:
+    """(B, R) tempered log-probs of the responses under `model`, without gradients."""
+    with torch.no_grad():
+        return forward_responses(model, query_ids, query_lengths, response_ids, temperature).logprobs

@@ -1,0 +1,201 @@
+"""The paper's four tasks: what to prompt with, how long to sample, how to truncate, how to judge.
+
+Settings follow Ziegler et al. (2019), table "The four tasks" in shared/reference/paper.md. Lengths are
+in tokens of the model in use. Each task owns its truncation rule: nothing elsewhere hard-wires "a
+period ends the sample" (a rule that silently ruined other domains in other libraries).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class TruncationRule:
+    """Cut a response after the first `text` token at response index >= `after`; if none, penalise."""
+
+    text: str
+    """The truncation string, e.g. "." or "\\n". A token matches when its text contains it, not directly
+    followed by a letter or digit (so ".com" or "3.5" do not end a sentence)."""
+    after: int
+    """Only tokens at response index >= after can truncate (the paper: 16 for style, 55 for summaries)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One experiment of the paper: prompts, sampling lengths, truncation and labeler instructions."""
+
+    name: str
+    """Short id, used in the label store and file names."""
+    title: str
+    """Human-readable name."""
+    instructions: str
+    """Shown to labelers at the top of the labeling widget."""
+    prompt_source: str
+    """Which prompt column set the task reads: "passages", "tldr" or "cnndm" (see labkit.data)."""
+    query_length: int
+    """Tokens of source text in the query (before prefix/suffix). Paper: 64 (style), 500 (summaries)."""
+    response_length: int
+    """Tokens sampled per response, always exactly this many (EOS does not stop generation)."""
+    temperature: float
+    """Sampling temperature; log-probs of pi and rho are computed at this temperature too."""
+    truncation: TruncationRule
+    """Where a response is cut before it is scored."""
+    penalty: float = -1.0
+    """Score given when no truncation token is found (the paper's -1)."""
+    query_prefix: str = ""
+    """Text before the source text (CNN/DM: "Article:\\n\\n")."""
+    query_suffix: str = ""
+    """Text after the source text (summaries: "\\n\\nTL;DR:")."""
+    start_after: str | None = None
+    """Style tasks: the query starts after the first occurrence of this text ('.')."""
+    end_at: str | None = None
+    """The query ends at the last occurrence of this text ('.' for style, '\\n' for CNN/DM)."""
+    init_beta: float = 0.15
+    """Initial KL coefficient beta (paper: 0.15 for style tasks; code: 0.03 TL;DR, 0.01 CNN/DM)."""
+    kl_target: float | None = 6.0
+    """Target KL in nats for the adaptive controller; None means fixed beta (the code's summary setting)."""
+
+    def with_(self, **changes) -> "Task":
+        """A copy with some fields changed, e.g. `SENTIMENT.with_(response_length=16)`."""
+        return replace(self, **changes)
+
+
+_STYLE_TRUNCATION = TruncationRule(text=".", after=16)
+_SUMMARY_TRUNCATION = TruncationRule(text="\n", after=55)
+
+SENTIMENT = Task(
+    name="sentiment",
+    title="Positive sentiment continuation",
+    instructions=(
+        "Which continuation is the most positive and happy? Judge only the continuation (after the prompt), "
+        "not the prompt. Prefer text that is happy and upbeat; ignore grammar unless it hides the meaning."
+    ),
+    prompt_source="passages",
+    query_length=64,
+    response_length=24,
+    temperature=0.7,
+    truncation=_STYLE_TRUNCATION,
+    start_after=".",
+    end_at=".",
+    init_beta=0.15,
+    kl_target=6.0,
+)
+
+DESCRIPTIVENESS = Task(
+    name="descriptiveness",
+    title="Vividly descriptive continuation",
+    instructions=(
+        "Which continuation is the most vividly descriptive? Prefer text that paints a concrete picture "
+        "(sights, sounds, textures, specific detail) and stays coherent with the prompt."
+    ),
+    prompt_source="passages",
+    query_length=64,
+    response_length=24,
+    temperature=0.7,
+    truncation=_STYLE_TRUNCATION,
+    start_after=".",
+    end_at=".",
+    init_beta=0.15,
+    kl_target=6.0,
+)
+
+TLDR = Task(
+    name="tldr",
+    title="TL;DR summarization (Reddit-style posts)",
+    instructions=(
+        "Which is the best summary of the post? A good summary is accurate (penalise anything the post "
+        "does not say), covers the main point, and is concise. Copying sentences from the post is fine."
+    ),
+    prompt_source="tldr",
+    query_length=500,
+    response_length=75,
+    temperature=0.7,
+    truncation=_SUMMARY_TRUNCATION,
+    query_suffix="\n\nTL;DR:",
+    init_beta=0.03,
+    kl_target=None,
+)
+
+CNNDM = Task(
+    name="cnndm",
+    title="CNN/DailyMail-style news summarization",
+    instructions=(
+        "Which is the best summary of the article? A good summary is accurate (penalise anything the "
+        "article does not say), covers the key facts, and is concise. Copying sentences is fine."
+    ),
+    prompt_source="cnndm",
+    query_length=500,
+    response_length=75,
+    temperature=0.5,
+    truncation=_SUMMARY_TRUNCATION,
+    query_prefix="Article:\n\n",
+    query_suffix="\n\nTL;DR:",
+    end_at="\n",
+    init_beta=0.01,
+    kl_target=None,
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (SENTIMENT, DESCRIPTIVENESS, TLDR, CNNDM)}
+
+
+def get_task(task: str | Task) -> Task:
+    """A Task from its name (or the Task itself); a clear error for unknown names."""
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise KeyError(f"Unknown task {task!r}. Known tasks: {', '.join(TASKS)}. Or build your own `Task(...)`.")
+    return TASKS[task]
+
+
+# --------------------------------------------------------------------------------------------------
+# token-level helpers (pure functions of a tokenizer)
+
+
+@lru_cache(maxsize=32)
+def _matching_ids(tokenizer, text: str) -> frozenset[int]:
+    """Ids of every vocabulary token whose text contains `text` not followed by a letter or digit."""
+    pattern = re.compile(re.escape(text) + r"(?![A-Za-z0-9])")
+    ids = range(len(tokenizer))
+    pieces = tokenizer.batch_decode([[i] for i in ids])
+    special = set(tokenizer.all_special_ids)
+    return frozenset(i for i, p in zip(ids, pieces) if i not in special and pattern.search(p))
+
+
+def token_ids_matching(tokenizer, text: str) -> frozenset[int]:
+    """Token ids that count as an occurrence of `text` (for truncation and query trimming)."""
+    return _matching_ids(tokenizer, text)
+
+
+def format_query(task: Task, text: str, tokenizer) -> list[int]:
+    """Token ids of the query for one source text, following the paper.
+
+    Style tasks: at most `query_length` tokens starting after the first '.' and ending at the last '.'.
+    Summaries: prefix + at most `query_length` tokens of the source (CNN/DM: ending at the last newline)
+    + suffix. Trimming is skipped when it would leave nothing (e.g. a text with a single sentence).
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if task.start_after:
+        marks = token_ids_matching(tokenizer, task.start_after)
+        first = next((i for i, t in enumerate(ids) if t in marks), None)
+        if first is not None and first + 1 < len(ids):
+            ids = ids[first + 1 :]
+    ids = ids[: task.query_length]
+    if task.end_at:
+        marks = token_ids_matching(tokenizer, task.end_at)
+        last = max((i for i, t in enumerate(ids) if t in marks), default=None)
+        if last is not None:
+            ids = ids[: last + 1]
+    prefix = tokenizer.encode(task.query_prefix, add_special_tokens=False) if task.query_prefix else []
+    suffix = tokenizer.encode(task.query_suffix, add_special_tokens=False) if task.query_suffix else []
+    return prefix + ids + suffix
+
+
+def truncation_index(response: list[int], rule: TruncationRule, match_ids: frozenset[int]) -> int | None:
+    """Index of the token that ends the response under `rule`, or None when there is none (-> penalty)."""
+    for i in range(rule.after, len(response)):
+        if response[i] in match_ids:
+            return i
+    return None

@@ -1,0 +1,82 @@
+import torch
+
+from labkit.sampling import forward_responses, pad_left, sample, score_logprobs
+from labkit.tasks import SENTIMENT, TruncationRule
+
+
+def _queries(tok):
+    texts = ["Hello there, friend", "A much longer prompt that has quite a few more tokens in it than the first", "Hi"]
+    return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_pad_left():
+    ids, lengths = pad_left([[1, 2], [3], [4, 5, 6]], pad_id=0)
+    assert ids.tolist() == [[0, 1, 2], [0, 0, 3], [4, 5, 6]] and lengths.tolist() == [2, 1, 3]
+
+
+def test_left_padded_batch_logprobs_equal_each_sequence_alone(tiny):
+    model, tok = tiny
+    queries = _queries(tok)
+    g = torch.Generator().manual_seed(0)
+    responses = torch.randint(0, len(tok), (len(queries), 7), generator=g)
+    q_ids, q_len = pad_left(queries, tok.pad_token_id)
+    batch = score_logprobs(model, q_ids, q_len, responses, temperature=0.7)
+    for i, q in enumerate(queries):
+        one_ids, one_len = pad_left([q], tok.pad_token_id)
+        alone = score_logprobs(model, one_ids, one_len, responses[i : i + 1], temperature=0.7)
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-4, rtol=0)
+
+
+def test_generation_logprobs_equal_a_scoring_pass_and_lengths_are_exact(tiny):
+    model, tok = tiny
+    task = SENTIMENT.with_(response_length=9)
+    r = sample(model, tok, _queries(tok), task, generator=torch.Generator().manual_seed(1))
+    assert r.response_ids.shape == (3, 9) and r.logprobs.shape == (3, 9)
+    again = score_logprobs(model, r.query_ids, r.query_lengths, r.response_ids, task.temperature)
+    torch.testing.assert_close(r.logprobs, again, atol=1e-4, rtol=0)
+    assert (r.logprobs <= 0).all()
+
+
+def test_temperature_scales_logprobs(tiny):
+    model, tok = tiny
+    q_ids, q_len = pad_left(_queries(tok), tok.pad_token_id)
+    resp = torch.randint(0, len(tok), (3, 4), generator=torch.Generator().manual_seed(2))
+    hot = score_logprobs(model, q_ids, q_len, resp, temperature=1.0)
+    logits = model(input_ids=torch.cat([q_ids[2:], resp[2:]], 1)[:, -5:-1]).logits  # row 2 has no padding
+    manual = torch.log_softmax(logits / 0.5, -1).gather(-1, resp[2:, :, None])[..., 0]
+    cold = score_logprobs(model, q_ids[2:], q_len[2:], resp[2:], temperature=0.5)
+    torch.testing.assert_close(cold, manual, atol=1e-4, rtol=0)
+    assert not torch.allclose(hot[2:], cold)
+
+
+def test_sampling_is_reproducible_with_a_generator(tiny):
+    model, tok = tiny
+    task = SENTIMENT.with_(response_length=5)
+    a = sample(model, tok, _queries(tok), task, generator=torch.Generator().manual_seed(3))
+    b = sample(model, tok, _queries(tok), task, generator=torch.Generator().manual_seed(3))
+    c = sample(model, tok, _queries(tok), task, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+    chunked = sample(model, tok, _queries(tok), task, batch_size=2)
+    assert chunked.response_ids.shape == a.response_ids.shape and chunked.query_ids.shape == a.query_ids.shape
+
+
+def test_truncation_flags_and_padding(tiny):
+    model, tok = tiny
+    dot = tok.convert_tokens_to_ids(".")
+    task = SENTIMENT.with_(response_length=6, truncation=TruncationRule(".", 2))
+    from labkit.sampling import truncate
+
+    resp = torch.tensor([[5, dot, 7, dot, 8, 9], [5, 6, 7, 8, 9, 10]])
+    out, lengths, found = truncate(resp, task, tok)
+    assert lengths.tolist() == [4, 6] and found.tolist() == [True, False]
+    assert out[0].tolist() == [5, dot, 7, dot, tok.pad_token_id, tok.pad_token_id]
+    assert torch.equal(out[1], resp[1])
+
+
+def test_forward_responses_entropy_and_hidden(tiny):
+    model, tok = tiny
+    q_ids, q_len = pad_left(_queries(tok), tok.pad_token_id)
+    resp = torch.randint(0, len(tok), (3, 4))
+    out = forward_responses(model, q_ids, q_len, resp, 0.7, want_entropy=True, want_hidden=True)
+    assert out.entropy.shape == (3, 4) and (out.entropy > 0).all()
+    assert out.hidden.shape == (3, 4, model.config.hidden_size)

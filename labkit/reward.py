@@ -1,0 +1,309 @@
+"""The reward model r(x, y): an LM trunk plus a scalar head, trained on k-way human comparisons.
+
+Following the released code of Ziegler et al. (2019):
+- r reads the final hidden state (after the last layer norm) at the last real token of query + response;
+  head ~ N(0, 1/sqrt(d_model + 1)), bias 0; then r = gain * head(h) + bias.
+- Loss for "best of k": softmax cross-entropy over the k rewards (pairs are the k = 2 case). Chance: ln k.
+- One epoch by default, learning rate decayed linearly to 0.
+- gain and bias are not trained: `normalize` sets them before and after training so that r has mean 0
+  and std 1 on fresh samples from the frozen base model rho at the task temperature (so beta means the
+  same thing across runs). The sampler must be rho, not the reward model's own trunk.
+Saved without pickle: safetensors for weights, JSON for the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from labkit.optim import linear_decay_scheduler, make_optimizer
+from labkit.sampling import left_pad_mask, pad_left, positions, sample, unwrap
+from labkit.tasks import Task, format_query
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training settings (defaults: the released code's 124M style-task values)."""
+
+    lr: float = 5e-5
+    """Peak learning rate, decayed linearly to 0 over the run (paper 774M: 1.77e-5)."""
+    batch_size: int = 32
+    """Comparisons per optimiser step (each has k responses)."""
+    epochs: int = 1
+    """Passes over the labels (the paper: 1)."""
+    heldout_fraction: float = 0.1
+    """Share of comparisons kept out of training to measure held-out loss and accuracy."""
+    eval_every: int = 10
+    """Optimiser steps between held-out evaluations (also evaluated at the end)."""
+    normalize_samples: int = 64
+    """How many rho samples set gain/bias before and after training."""
+    optimizer: str = "tf_adam"
+    """"tf_adam" (TensorFlow's eps semantics, as the original) or "adam" (PyTorch's)."""
+    seed: int = 0
+    """Seeds the held-out split, the shuffling and the normalisation samples."""
+
+
+@dataclass(frozen=True)
+class KWayExample:
+    """One labeled comparison: a query, k responses and the index of the best one."""
+
+    query: str
+    responses: list[str]
+    best: int
+
+
+def examples_from_store(store, task: str | None = None, kind: str | None = None) -> list[KWayExample]:
+    """The reward model's training set from a label store: one example per (comparison, labeler)."""
+    return [KWayExample(c.query, list(c.responses), lab.best) for c, lab in store.training_set(task=task, kind=kind)]
+
+
+class RewardModel(nn.Module):
+    """r(x, y) = gain * head(h_last) + bias on top of a causal LM's trunk (its vocabulary head is unused)."""
+
+    def __init__(self, lm, tokenizer):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        d_model = lm.config.hidden_size
+        p = next(lm.parameters())
+        self.head = nn.Linear(d_model, 1, device=p.device, dtype=p.dtype)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d_model + 1))
+        nn.init.zeros_(self.head.bias)
+        # Set by `normalize`, not by gradient descent.
+        self.register_buffer("gain", torch.ones((), device=p.device))
+        self.register_buffer("bias", torch.zeros((), device=p.device))
+
+    @property
+    def device(self):
+        return self.head.weight.device
+
+    def trunk_hidden(self, input_ids, attention_mask):
+        base = unwrap(self.lm)
+        trunk = getattr(base, base.base_model_prefix)
+        return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+
+    def raw(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
+        """head(h) at the last real token, (B,), before gain and bias.
+
+        query_ids (B, Q) left-padded; response_ids (B, R) right-padded after `response_lengths` tokens.
+        """
+        B, Q = query_ids.shape
+        R = response_ids.shape[1]
+        if (response_lengths < 1).any():
+            raise ValueError("Every response needs at least one token to be scored.")
+        resp_mask = (torch.arange(R, device=response_ids.device)[None] < response_lengths[:, None]).long()
+        mask = torch.cat([left_pad_mask(query_lengths, Q), resp_mask], dim=1)  # (B, Q+R)
+        hidden = self.trunk_hidden(torch.cat([query_ids, response_ids], 1), mask)  # (B, Q+R, H)
+        last = Q + response_lengths - 1  # the last real token, not the first pad after it
+        h = hidden[torch.arange(B, device=hidden.device), last]  # (B, H)
+        return self.head(h).squeeze(-1).float()
+
+    def forward(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
+        return self.gain * self.raw(query_ids, query_lengths, response_ids, response_lengths) + self.bias
+
+    # ---- convenience scoring -----------------------------------------------------------------
+
+    def _encode(self, queries: list[str], responses: list[str]):
+        tok = self.tokenizer
+        q_ids, q_len = pad_left([tok.encode(q, add_special_tokens=False) for q in queries], tok.pad_token_id, self.device)
+        rs = [tok.encode(r, add_special_tokens=False) or [tok.eos_token_id] for r in responses]
+        r_len = torch.tensor([len(r) for r in rs], device=self.device)
+        r_ids = torch.full((len(rs), int(r_len.max())), tok.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rs):
+            r_ids[i, : len(r)] = torch.tensor(r)
+        return q_ids, q_len, r_ids.to(self.device), r_len
+
+    @torch.no_grad()
+    def score_texts(self, queries: list[str], responses: list[str], batch_size: int = 16) -> torch.Tensor:
+        """Normalised rewards (B,) for query/response texts."""
+        out = []
+        for i in range(0, len(queries), batch_size):
+            out.append(self(*self._encode(queries[i : i + batch_size], responses[i : i + batch_size])))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def score_rollout(self, rollout) -> torch.Tensor:
+        """Normalised rewards (B,) of a rollout's truncated responses, on its own tokens."""
+        lengths = rollout.truncated_lengths.clamp(min=1)
+        return self(rollout.query_ids, rollout.query_lengths, rollout.truncated_ids, lengths)
+
+    # ---- normalisation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def normalize(self, rho, task: Task, prompts: list[str], n_samples: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
+        """Set gain/bias so that r ~ N(0, 1) on responses sampled from rho (the frozen base model).
+
+        `prompts` are source texts (formatted with the task); they are cycled if fewer than n_samples.
+        Returns the mean and std of the raw head before the change.
+        """
+        rng = random.Random(seed)
+        texts = [prompts[rng.randrange(len(prompts))] for _ in range(n_samples)]
+        queries = [format_query(task, t, self.tokenizer) for t in texts]
+        gen = torch.Generator(device=next(rho.parameters()).device).manual_seed(seed)
+        raws = []
+        for i in range(0, n_samples, batch_size):
+            roll = sample(rho, self.tokenizer, queries[i : i + batch_size], task, generator=gen)
+            raws.append(self.raw(roll.query_ids.to(self.device), roll.query_lengths.to(self.device),
+                                 roll.truncated_ids.to(self.device), roll.truncated_lengths.clamp(min=1).to(self.device)))
+        raw = torch.cat(raws)
+        mean, std = raw.mean(), raw.std(unbiased=False).clamp(min=1e-6)
+        self.gain.fill_(1 / std)
+        self.bias.fill_(-mean / std)
+        return {"raw_mean": mean.item(), "raw_std": std.item()}
+
+    # ---- save / load (no pickle) ---------------------------------------------------------------
+
+    def save(self, folder) -> Path:
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        base = unwrap(self.lm)
+        base.config.to_json_file(folder / "lm_config.json")
+        save_model(self, str(folder / "reward_model.safetensors"))  # handles tied embeddings
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        (folder / "reward_config.json").write_text(json.dumps({"format": "labkit-reward-model", "version": 1,
+                                                               "gain": self.gain.item(), "bias": self.bias.item()}))
+        return folder
+
+    @classmethod
+    def load(cls, folder, device=None, dtype=None) -> "RewardModel":
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from labkit.models import _setup_tokenizer, pick_device, pick_dtype
+
+        folder = Path(folder)
+        meta = folder / "reward_config.json"
+        if not meta.exists() or json.loads(meta.read_text()).get("format") != "labkit-reward-model":
+            raise FileNotFoundError(f"{folder} is not a saved labkit reward model (no reward_config.json). "
+                                    "Save one with `reward_model.save(folder)`.")
+        dev = pick_device(device)
+        config = AutoConfig.from_pretrained(folder / "lm_config.json")
+        lm = AutoModelForCausalLM.from_config(config)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        _setup_tokenizer(tokenizer)
+        rm = cls(lm, tokenizer)
+        load_model(rm, str(folder / "reward_model.safetensors"))
+        rm.to(device=dev, dtype=pick_dtype(dev, dtype))
+        rm.gain.data = rm.gain.float()
+        rm.bias.data = rm.bias.float()
+        rm.eval()
+        return rm
+
+
+def kway_loss(rewards: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax cross-entropy over the k rewards (B, k) with the labeled best (B,); also accuracy (B,)."""
+    loss = F.cross_entropy(rewards, best)
+    correct = (rewards.argmax(-1) == best).float()
+    return loss, correct
+
+
+class RewardTrainer:
+    """Trains a RewardModel on k-way examples; `fit` can be called again to continue on new labels."""
+
+    def __init__(self, reward_model: RewardModel, config: RewardConfig | None = None):
+        self.rm = reward_model
+        self.config = config or RewardConfig()
+        self.history: list[dict] = []
+        self.step = 0
+
+    def _batch_rewards(self, batch: list[KWayExample]) -> torch.Tensor:
+        k = len(batch[0].responses)
+        if any(len(ex.responses) != k for ex in batch):
+            raise ValueError("All comparisons in a batch must have the same number of responses k.")
+        queries = [ex.query for ex in batch for _ in range(k)]
+        responses = [r for ex in batch for r in ex.responses]
+        return self.rm(*self.rm._encode(queries, responses)).view(len(batch), k)  # (B, k)
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[KWayExample], batch_size: int | None = None) -> dict:
+        """Held-out loss and accuracy (how often the labeled best gets the highest reward)."""
+        if not examples:
+            return {}
+        bs = batch_size or self.config.batch_size
+        losses, correct = [], []
+        for i in range(0, len(examples), bs):
+            batch = examples[i : i + bs]
+            r = self._batch_rewards(batch)
+            best = torch.tensor([ex.best for ex in batch], device=r.device)
+            loss, c = kway_loss(r, best)
+            losses.append(loss.item() * len(batch))
+            correct.append(c)
+        return {"rm/heldout_loss": sum(losses) / len(examples), "rm/heldout_accuracy": torch.cat(correct).mean().item()}
+
+    def split(self, examples: list[KWayExample]) -> tuple[list[KWayExample], list[KWayExample]]:
+        """A seeded train / held-out split (at least one held-out example when there are >= 5)."""
+        order = list(range(len(examples)))
+        random.Random(self.config.seed).shuffle(order)
+        n_held = int(len(examples) * self.config.heldout_fraction)
+        if n_held == 0 and len(examples) >= 5 and self.config.heldout_fraction > 0:
+            n_held = 1
+        held = [examples[i] for i in order[:n_held]]
+        train = [examples[i] for i in order[n_held:]]
+        return train, held
+
+    def fit(self, examples: list[KWayExample], dashboard=None, progress: bool = True) -> list[dict]:
+        """Train on `examples` for `config.epochs` epochs; returns this run's metrics (also in .history)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if not examples:
+            raise ValueError("No labeled comparisons to train on: label some first (widget or a mock labeler).")
+        train, held = self.split(examples)
+        k = len(examples[0].responses)
+        rng = random.Random(cfg.seed + self.step)
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        params = [p for p in self.rm.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg.lr, cfg.optimizer)
+        sched = linear_decay_scheduler(opt, total)
+        run = []
+        bar = tqdm(total=total, desc="reward model", disable=not progress)
+        try:
+            for epoch in range(cfg.epochs):
+                order = list(range(len(train)))
+                rng.shuffle(order)
+                for s in range(steps_per_epoch):
+                    t0 = time.time()
+                    batch = [train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
+                    r = self._batch_rewards(batch)
+                    best = torch.tensor([ex.best for ex in batch], device=r.device)
+                    loss, correct = kway_loss(r, best)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    lr = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                    self.step += 1
+                    m = {"step": self.step, "rm/loss": loss.item(), "rm/accuracy": correct.mean().item(), "rm/lr": lr,
+                         "rm/chance_loss": math.log(k), "rm/chance_accuracy": 1 / k, "time/step": time.time() - t0}
+                    last = epoch == cfg.epochs - 1 and s == steps_per_epoch - 1
+                    if held and (self.step % cfg.eval_every == 0 or last):
+                        m.update(self.evaluate(held))
+                    run.append(m)
+                    self.history.append(m)
+                    if dashboard is not None:
+                        dashboard.log(m)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['rm/loss']:.3f}")
+        finally:
+            bar.close()
+            if dashboard is not None:
+                dashboard.flush()
+        return run
+
+
+def reward_model_from_lm(lm, tokenizer) -> RewardModel:
+    """A fresh reward model (new head) on a copy of `lm`: the paper re-initialises from rho on every refit."""
+    import copy
+
+    return RewardModel(copy.deepcopy(lm), tokenizer)

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from labkit.reward import KWayExample, RewardConfig, RewardModel, RewardTrainer, kway_loss, reward_model_from_lm
+from labkit.sampling import pad_left
+from labkit.tasks import SENTIMENT
+
+
+def test_head_init_and_gain_bias(tiny):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    d = model.config.hidden_size
+    std = rm.head.weight.std().item()
+    assert abs(std - 1 / math.sqrt(d + 1)) < 0.05 and rm.head.bias.item() == 0
+    assert rm.gain.item() == 1 and rm.bias.item() == 0
+    assert not any(n in ("gain", "bias") for n, _ in rm.named_parameters())  # set by normalisation only
+
+
+def test_score_is_read_at_the_last_real_token(tiny):
+    """Trailing pads after the response must not change the reward; the last real token must."""
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    q_ids, q_len = pad_left([[5, 6, 7]], tok.pad_token_id)
+    resp = torch.tensor([[8, 9, tok.pad_token_id, tok.pad_token_id]])
+    short = rm(q_ids, q_len, resp[:, :2], torch.tensor([2]))
+    padded = rm(q_ids, q_len, resp, torch.tensor([2]))
+    torch.testing.assert_close(short, padded, atol=1e-5, rtol=0)
+    other = rm(q_ids, q_len, torch.tensor([[8, 10]]), torch.tensor([2]))
+    assert not torch.allclose(short, other)
+
+
+def test_kway_loss_matches_naive_reference():
+    r = torch.tensor([[0.1, 2.0, -1.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    best = torch.tensor([1, 3])
+    loss, correct = kway_loss(r, best)
+    naive = sum(-math.log(math.exp(r[i, b]) / sum(math.exp(x) for x in r[i])) for i, b in enumerate(best.tolist())) / 2
+    assert abs(loss.item() - naive) < 1e-6
+    assert correct.tolist() == [1.0, 0.0]
+    assert abs(kway_loss(torch.zeros(1, 4), torch.tensor([0]))[0].item() - math.log(4)) < 1e-6  # chance
+
+
+def test_normalize_gives_mean_0_std_1_on_rho_samples(tiny):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    task = SENTIMENT.with_(response_length=6)
+    prompts = ["It was late. The rain stopped. She waited.", "One. Two words here. And more."]
+    rm.normalize(model, task, prompts, n_samples=16, seed=0)
+    from labkit.tasks import format_query
+    from labkit.sampling import sample
+
+    gen = torch.Generator().manual_seed(0)
+    import random
+
+    rng = random.Random(0)
+    texts = [prompts[rng.randrange(2)] for _ in range(16)]
+    roll = sample(model, tok, [format_query(task, t, tok) for t in texts], task, generator=gen)
+    r = rm.score_rollout(roll)
+    assert abs(r.mean().item()) < 1e-4 and abs(r.std(unbiased=False).item() - 1) < 1e-3
+
+
+def test_training_learns_a_preference_and_reports_metrics(tiny):
+    """The best response always contains ' happy': a few epochs must beat chance clearly."""
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    before = {n: p.detach().clone() for n, p in rm.named_parameters()}
+    words = ["table", "window", "river", "stone", "paper", "green", "seven"]
+    examples = []
+    for i in range(40):
+        resp = [f" the {words[(i + j) % 7]} {words[(i * 3 + j) % 7]}" for j in range(4)]
+        best = i % 4
+        resp[best] = " happy happy happy"
+        examples.append(KWayExample(f"Query {i}.", resp, best))
+    trainer = RewardTrainer(rm, RewardConfig(lr=1e-3, batch_size=8, epochs=4, heldout_fraction=0.2, eval_every=5))
+    hist = trainer.fit(examples, progress=False)
+    assert all(math.isfinite(m["rm/loss"]) for m in hist)
+    assert hist[-1]["rm/heldout_accuracy"] >= 0.75 and hist[-1]["rm/lr"] < hist[0]["rm/lr"]
+    assert any(not torch.equal(p, before[n]) for n, p in rm.named_parameters())
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    rm.gain.fill_(2.5)
+    rm.bias.fill_(-0.5)
+    rm.save(tmp_path / "rm")
+    assert not list((tmp_path / "rm").glob("*.pt")) and not list((tmp_path / "rm").glob("*.bin"))
+    loaded = RewardModel.load(tmp_path / "rm", device="cpu")
+    q = ["A query."]
+    r = [" a response"]
+    torch.testing.assert_close(rm.score_texts(q, r), loaded.score_texts(q, r))
+    with pytest.raises(FileNotFoundError, match="not a saved labkit reward model"):
+        RewardModel.load(tmp_path)

@@ -68,6 +68,10 @@ class Rollout:
 
 def truncate(response_ids: torch.Tensor, task: Task, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply the task's truncation rule: (truncated_ids (B, R), lengths (B,), found (B,) bool)."""
+    B, R = response_ids.shape
+    if task.truncation is None:
+        dev = response_ids.device
+        return response_ids.clone(), torch.full((B,), R, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
     match = token_ids_matching(tokenizer, task.truncation.text)
     rows = response_ids.tolist()
     out = response_ids.clone()

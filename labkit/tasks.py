@@ -41,8 +41,8 @@ class Task:
     """Tokens sampled per response, always exactly this many (EOS does not stop generation)."""
     temperature: float
     """Sampling temperature; log-probs of pi and rho are computed at this temperature too."""
-    truncation: TruncationRule
-    """Where a response is cut before it is scored."""
+    truncation: TruncationRule | None
+    """Where a response is cut before it is scored; None scores the whole response and never penalises."""
     penalty: float = -1.0
     """Score given when no truncation token is found (the paper's -1)."""
     query_prefix: str = ""

@@ -1,0 +1,197 @@
+"""Programmatic ("mock") labelers, so the whole lab runs without a human.
+
+The paper's mock-sentiment experiment replaces the human with a sentiment classifier that picks the best of
+four responses; these do the same for each task. A labeler's `score(texts)` is also a reward function
+(higher is better), so PPO can be run directly on the mock human and compared with PPO on a reward model
+learned from its labels.
+
+`temperature` simulates noisy, disagreeing labelers: 0 always picks the highest score; T > 0 picks
+response i with probability exp(score_i / T) / sum_j exp(score_j / T). T is in the units of the score
+(VADER compound and ROUGE-L F1 lie in [-1, 1] and [0, 1], so T = 0.1 is already noisy).
+Give each simulated labeler its own `labeler_id` and `seed` to study agreement between them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from labkit.labels import Comparison, LabelStore
+
+
+class Labeler(Protocol):
+    labeler_id: str
+
+    def choose(self, comparison: Comparison) -> int:
+        """Index (stored order) of the best response of `comparison`."""
+        ...
+
+
+def label_pending(store: LabelStore, labeler: Labeler, task=None, kind=None, limit=None) -> int:
+    """Have `labeler` label every comparison it has not labeled yet (at most `limit`), oldest first.
+    Labels are stored under labeler.labeler_id; returns how many were added."""
+    todo = set(store.pending(labeler.labeler_id, task=task, kind=kind))
+    comparisons = [c for c in store.comparisons(task=task, kind=kind) if c.id in todo][:limit]
+    # Commit in chunks: one fsync per chunk instead of per label, and a crash loses at most one chunk
+    # of (recomputable) mock labels.
+    chunk = 256
+    for start in range(0, len(comparisons), chunk):
+        store.record_labels([
+            dict(comparison_id=c.id, best=labeler.choose(c), labeler=labeler.labeler_id)
+            for c in comparisons[start:start + chunk]
+        ])
+    return len(comparisons)
+
+
+@dataclass
+class _ScoreLabeler:
+    """Picks by a score of each response; subclasses define `score`."""
+
+    temperature: float = 0.0
+    seed: int | None = None
+    _rng: np.random.Generator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = always pick the best score), got {self.temperature}")
+        self._rng = np.random.default_rng(self.seed)
+
+    def score(self, texts: list[str], references: list[str] | None = None) -> list[float]:
+        raise NotImplementedError
+
+    def __call__(self, texts: list[str], references: list[str] | None = None) -> list[float]:
+        return self.score(texts, references)
+
+    def choose(self, comparison: Comparison) -> int:
+        references = None if comparison.reference is None else [comparison.reference] * comparison.k
+        return pick(self.score(comparison.responses, references), self.temperature, self._rng)
+
+
+def pick(scores, temperature: float, rng: np.random.Generator) -> int:
+    """argmax of `scores` at temperature 0 (first one on ties), else a draw from softmax(scores / temperature)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if temperature == 0:
+        return int(np.argmax(scores))
+    logits = scores / temperature
+    p = np.exp(logits - logits.max())  # minus the max: no overflow at small temperatures
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+@dataclass
+class VaderLabeler(_ScoreLabeler):
+    """Prefers the most positive response: VADER's compound sentiment score in [-1, 1] (a lexicon and rules,
+    no model download), standing in for the paper's "positive and happy" labelers."""
+
+    labeler_id: str = "mock:vader"
+
+    def __post_init__(self):
+        super().__post_init__()
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, texts, references=None):
+        return [self._analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+# Words that make a reader see, hear, feel, smell or taste something: colours, light, sound, texture,
+# temperature, smell and taste, shape and size, motion. A small hand-picked list, enough to separate
+# "the crimson sun sank behind jagged peaks" from "the sun went down".
+SENSORY_WORDS = frozenset("""
+    red crimson scarlet ruby pink rosy orange amber golden gold yellow green emerald olive blue azure navy
+    turquoise indigo violet purple lavender brown chestnut tawny black ebony white ivory pale grey gray
+    silver silvery bronze copper coppery
+    bright brilliant dazzling radiant glowing gleaming glistening glittering shimmering sparkling shining
+    flickering twinkling luminous dim dusky shadowy shadows shadow murky hazy misty foggy gloomy dark
+    sunlit moonlit candlelit
+    loud thunderous roaring booming echoing humming buzzing whispering whispered rustling crackling
+    creaking clattering rumbling hissing chirping howling murmuring silent hushed quiet shrill
+    rough smooth silky velvety soft coarse jagged sharp prickly slick slippery sticky damp wet soggy
+    muddy dusty gritty crisp brittle fuzzy furry feathery grainy glossy polished rusty weathered
+    cold icy frosty freezing chilly cool warm hot scorching sweltering steaming balmy humid
+    fragrant scented perfumed musty pungent acrid smoky earthy fresh stale sweet sour bitter salty
+    savory spicy tangy juicy ripe rotten
+    towering tiny enormous vast huge massive narrow wide twisted gnarled crooked curved round
+    slender plump lanky hulking sprawling
+    fluttering swirling drifting trembling quivering flowing rippling billowing swaying tumbling
+    dripping trickling gushing flapping darting creeping
+    eerie serene tranquil ominous stark lush barren desolate vivid ornate ancient
+""".split())
+
+# -ly words that are not manner adverbs, and common words ending in an adjective suffix that paint nothing.
+_NOT_MODIFIERS = frozenset("""
+    only really actually early family likely lovely daily holy ugly reply supply apply rely fly july
+    italy belly jelly bully silly folly
+    various previous obvious serious useful careful helpful careless useless
+""".split())
+_MODIFIER_SUFFIXES = ("ly", "ous", "ful", "less", "ish", "ive", "esque")
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+@dataclass
+class DescriptivenessLabeler(_ScoreLabeler):
+    """Prefers the most vividly descriptive response, by a transparent heuristic (no model):
+
+        score = 10 * (sensory + 0.5 * modifiers + 0.5 * numbers - repeats) / max(n_words, 10)
+
+    - sensory: distinct words in SENSORY_WORDS (colour, light, sound, texture, temperature, smell/taste, shape, motion);
+    - modifiers: other distinct words with an adjective/adverb suffix (-ly, -ous, -ful, -less, -ish, -ive, -esque),
+      minus a short list of common words that only look like one ("only", "family", "useful", ...);
+    - numbers: digits, a cheap sign of concrete detail;
+    - repeats: occurrences of a word of 4+ letters beyond its first, since "very very dark dark" is not vivid.
+
+    So roughly "vivid words per 10 words"; the floor of 10 words keeps a two-word reply with one colour in
+    it from beating a full vivid sentence.
+    """
+
+    labeler_id: str = "mock:descriptive"
+
+    def score(self, texts, references=None):
+        return [descriptiveness(t) for t in texts]
+
+
+def descriptiveness(text: str) -> float:
+    """The DescriptivenessLabeler heuristic for one text (see its docstring)."""
+    words = _WORD.findall(text.lower())
+    distinct = set(words)  # a vivid word said twice paints nothing new (and is penalised as a repeat)
+    sensory = len(distinct & SENSORY_WORDS)
+    modifiers = sum(
+        w not in SENSORY_WORDS and w not in _NOT_MODIFIERS and len(w) > 4 and w.endswith(_MODIFIER_SUFFIXES)
+        for w in distinct
+    )
+    numbers = len(re.findall(r"\d+", text))
+    long_words = [w for w in words if len(w) >= 4]
+    repeats = len(long_words) - len(set(long_words))
+    return 10 * (sensory + 0.5 * modifiers + 0.5 * numbers - repeats) / max(len(words), 10)
+
+
+@dataclass
+class RougeLabeler(_ScoreLabeler):
+    """Prefers the summary closest to the comparison's reference: ROUGE-L F1 in [0, 1] (with stemming).
+    Needs comparisons stored with add_comparison(..., reference=...)."""
+
+    labeler_id: str = "mock:rouge"
+
+    def __post_init__(self):
+        super().__post_init__()
+        from rouge_score import rouge_scorer
+
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def score(self, texts, references=None):
+        if references is None:
+            raise ValueError("RougeLabeler.score needs references (one reference text per text) to compare with")
+        if len(references) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(references)} references; pass one reference per text")
+        return [self._scorer.score(ref, text)["rougeL"].fmeasure for text, ref in zip(texts, references)]
+
+    def choose(self, comparison: Comparison) -> int:
+        if comparison.reference is None:
+            raise ValueError(
+                f"comparison {comparison.id} (task {comparison.task!r}) has no reference text, so RougeLabeler "
+                "cannot score it; store comparisons with add_comparison(..., reference=reference_summary)"
+            )
+        return super().choose(comparison)

@@ -1,0 +1,774 @@
+"""The label store: every comparison shown to a labeler and every choice they made, in one SQLite file.
+
+Losing or corrupting a label is the worst thing this project can do, so the store is built around that:
+
+- SQLite in WAL mode with ``synchronous=FULL``: a write call returns only after its transaction is on
+  disk, so a label whose id you were given survives a kernel crash, a SIGKILL or a power cut.
+- Append only. Nothing is ever updated or deleted; "undo" appends a row to ``retractions``.
+- One transaction per write (``BEGIN IMMEDIATE``, so concurrent writers queue on the busy timeout
+  instead of failing), one connection guarded by a lock so the notebook thread and a training thread
+  can share a store, and several processes can write the same file at once.
+- A file that is not ours (not SQLite, corrupt, or another application's database) is refused with
+  ``LabelStoreError`` before anything is written to it.
+
+Layout (schema v1):
+
+    comparisons  id, task, kind, query, query_tokens, k, responses, response_tokens, sources,
+                 reference, extra, created_at          (lists and dicts are JSON text)
+    labels       id, comparison_id, best, permutation, labeler, shown_at, submitted_at, note
+    skips        the same without ``best``
+    retractions  id, label_id | skip_id, labeler, created_at
+    live_labels, live_skips   views: the rows with no retraction
+
+``best`` is an index into the comparison's responses in STORED order. ``permutation[j]`` is the stored
+index of the response the labeler saw at display position j, so a click on display position j is
+``best = permutation[j]``.
+
+Labels and skips share one id space (each new row takes 1 + the largest id in either table), so "this
+labeler's most recent action" is simply the largest id, whatever the clock did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import sqlite3
+import threading
+import time
+import warnings
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+# Written to the SQLite header (PRAGMA application_id) so that `file` and this module can tell a labkit
+# store from any other SQLite database. The bytes spell "lbkt".
+APPLICATION_ID = 0x6C626B74
+
+# Seconds a writer waits for another process or thread holding the write lock before giving up.
+BUSY_TIMEOUT_S = 60.0
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# MIGRATIONS[i] takes the schema from version i to version i + 1 (PRAGMA user_version).
+# To change the schema, append a script; never edit one that has shipped: files in the wild were made by it.
+MIGRATIONS = [
+    """
+    CREATE TABLE comparisons (
+        id              INTEGER PRIMARY KEY,
+        task            TEXT NOT NULL,
+        kind            TEXT NOT NULL DEFAULT 'train',
+        query           TEXT NOT NULL,
+        query_tokens    TEXT NOT NULL,              -- JSON list of ints
+        k               INTEGER NOT NULL CHECK (k >= 2),
+        responses       TEXT NOT NULL,              -- JSON list of k strings
+        response_tokens TEXT NOT NULL,              -- JSON list of k lists of ints
+        sources         TEXT NOT NULL,              -- JSON list of k strings: which model made each response
+        reference       TEXT,                       -- e.g. the reference summary, for ROUGE
+        extra           TEXT NOT NULL DEFAULT '{}', -- JSON dict
+        created_at      REAL NOT NULL
+    );
+    CREATE INDEX comparisons_task_kind ON comparisons (task, kind);
+
+    CREATE TABLE labels (
+        id            INTEGER PRIMARY KEY,          -- shared id space with skips, see module docstring
+        comparison_id INTEGER NOT NULL REFERENCES comparisons (id),
+        best          INTEGER NOT NULL CHECK (best >= 0),
+        permutation   TEXT NOT NULL,                -- JSON list: display position -> stored index
+        labeler       TEXT NOT NULL,
+        shown_at      REAL,
+        submitted_at  REAL NOT NULL,
+        note          TEXT
+    );
+    CREATE INDEX labels_comparison ON labels (comparison_id);
+    CREATE INDEX labels_labeler ON labels (labeler);
+
+    CREATE TABLE skips (
+        id            INTEGER PRIMARY KEY,
+        comparison_id INTEGER NOT NULL REFERENCES comparisons (id),
+        permutation   TEXT NOT NULL,
+        labeler       TEXT NOT NULL,
+        shown_at      REAL,
+        submitted_at  REAL NOT NULL,
+        note          TEXT
+    );
+    CREATE INDEX skips_comparison ON skips (comparison_id);
+    CREATE INDEX skips_labeler ON skips (labeler);
+
+    CREATE TABLE retractions (
+        id         INTEGER PRIMARY KEY,
+        label_id   INTEGER UNIQUE REFERENCES labels (id),
+        skip_id    INTEGER UNIQUE REFERENCES skips (id),
+        labeler    TEXT NOT NULL,                   -- who retracted it
+        created_at REAL NOT NULL,
+        CHECK ((label_id IS NULL) != (skip_id IS NULL))
+    );
+
+    CREATE VIEW live_labels AS
+        SELECT * FROM labels WHERE id NOT IN (SELECT label_id FROM retractions WHERE label_id IS NOT NULL);
+    CREATE VIEW live_skips AS
+        SELECT * FROM skips WHERE id NOT IN (SELECT skip_id FROM retractions WHERE skip_id IS NOT NULL);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_NEXT_ACTION_ID = (
+    "SELECT 1 + coalesce(max(id), 0) FROM (SELECT max(id) AS id FROM labels UNION ALL SELECT max(id) FROM skips)"
+)
+
+
+class LabelStoreError(Exception):
+    """The label file cannot be used as asked; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A query and k responses shown together to a labeler."""
+
+    id: int
+    task: str
+    kind: str  # "train", "validation", "eval", ...: which use the labels are meant for
+    query: str
+    query_tokens: list[int]
+    responses: list[str]
+    response_tokens: list[list[int]]
+    sources: list[str]  # which model or checkpoint produced each response, e.g. "rho", "policy@step12"
+    reference: str | None
+    extra: dict
+    created_at: float
+
+    @property
+    def k(self) -> int:
+        return len(self.responses)
+
+
+@dataclass(frozen=True)
+class Label:
+    """One labeler's pick of the best response of one comparison."""
+
+    id: int
+    comparison_id: int
+    best: int  # index into Comparison.responses (stored order, not display order)
+    permutation: list[int]  # display position -> stored index
+    labeler: str
+    shown_at: float | None
+    submitted_at: float
+    note: str | None
+    retracted: bool = False  # only ever True in labels(include_retracted=True)
+
+
+class LabelStore:
+    """Append-only, crash-safe store of comparisons and labels in one SQLite file.
+
+    Safe to share between threads (one connection behind a lock) and between processes (SQLite's own
+    locking; writers queue for up to BUSY_TIMEOUT_S). Use ``with LabelStore(path) as store:`` or call
+    ``close()``.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path).expanduser().resolve()
+        self._lock = threading.RLock()
+        self._conn = None
+        _refuse_foreign_file(self.path)  # before anything can write to the file
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each write is exactly one transaction.
+            self._conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            # WAL: readers never block the writer. (If another process holds the file while it is being
+            # created, this can stay in rollback-journal mode for this session: just as durable, only slower.)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")  # fsync at every commit, not just at checkpoints
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as e:
+            self.close()
+            raise LabelStoreError(
+                f"could not open the label store {self.path}: {e}. If another program holds the file, "
+                "close it and retry; if the disk is full or read-only, free space or pick another path."
+            ) from e
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- opening, closing, schema ----
+
+    def _migrate(self):
+        with self._write() as db:
+            # Re-read inside the write lock: another process may have created or migrated the file meanwhile.
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LabelStoreError(_too_new(self.path, version))
+            for v in range(version, SCHEMA_VERSION):
+                db.executescript_in_transaction(MIGRATIONS[v])
+            if version < SCHEMA_VERSION:
+                # PRAGMAs cannot take parameters; both values are ints we control.
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self):
+        """Close the file. Safe to call twice; the store cannot be used afterwards."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"LabelStore({str(self.path)!r})"
+
+    @contextmanager
+    def _write(self):
+        """One write transaction. IMMEDIATE takes the write lock up front, so concurrent writers wait on the
+        busy timeout instead of failing halfway; nothing is visible to anyone until COMMIT returns."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self):
+        """One read transaction, so multi-query reads see one consistent snapshot."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN")
+            try:
+                yield _Tx(conn)
+            finally:
+                conn.execute("COMMIT")
+
+    def _connection(self):
+        if self._conn is None:
+            raise LabelStoreError(f"the label store {self.path} is closed; open it again with LabelStore(path)")
+        return self._conn
+
+    # ---- comparisons ----
+
+    def add_comparison(
+        self,
+        task,
+        query,
+        responses,
+        *,
+        query_tokens=(),
+        response_tokens=None,
+        sources="unknown",
+        kind="train",
+        reference=None,
+        extra=None,
+    ) -> int:
+        """Store one query with k >= 2 responses and return its id."""
+        row = _comparison_row(task, query, responses, query_tokens, response_tokens, sources, kind, reference, extra)
+        with self._write() as db:
+            return db.insert_comparison(row, time.time())
+
+    def add_comparisons(self, items) -> list[int]:
+        """Store many comparisons in one transaction (all or none). Each item is a dict of
+        add_comparison's arguments: task, query, responses and optionally the keyword ones."""
+        rows = []
+        for i, item in enumerate(items):
+            try:
+                rows.append(_comparison_row(**item))
+            except TypeError as e:
+                raise TypeError(f"item {i}: {e}; expected keys task, query, responses and optionally "
+                                "query_tokens, response_tokens, sources, kind, reference, extra") from e
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from e
+        now = time.time()
+        with self._write() as db:
+            return [db.insert_comparison(row, now) for row in rows]
+
+    def comparison(self, id) -> Comparison:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM comparisons WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                n = db.execute("SELECT count(*) FROM comparisons").fetchone()[0]
+        if row is None:
+            raise KeyError(f"no comparison with id {id} in {self.path} (it holds {n} comparisons)")
+        return _comparison(row)
+
+    def comparisons(self, task=None, kind=None) -> list[Comparison]:
+        where, args = _filters(task=task, kind=kind)
+        with self._read() as db:
+            rows = db.execute(f"SELECT * FROM comparisons c {where} ORDER BY c.id", args).fetchall()
+        return [_comparison(r) for r in rows]
+
+    # ---- labels, skips, undo ----
+
+    def record_label(self, comparison_id, best, labeler, *, permutation=None, shown_at=None, note=None) -> int:
+        """Store that `labeler` picked response `best` (stored order) of a comparison. The returned id means
+        the label is committed to disk."""
+        return self.record_labels(
+            [dict(comparison_id=comparison_id, best=best, labeler=labeler, permutation=permutation,
+                  shown_at=shown_at, note=note)]
+        )[0]
+
+    def record_labels(self, items) -> list[int]:
+        """Store many labels in one transaction (all or none); each item is a dict of record_label's arguments.
+        For programmatic labelers, where one fsync per label would dominate."""
+        items, now = list(items), time.time()
+        with self._write() as db:
+            ids = []
+            for i, item in enumerate(items):
+                try:
+                    ids.append(db.insert_action("labels", now, **item))
+                except (ValueError, KeyError) as e:
+                    if len(items) == 1:
+                        raise
+                    raise type(e)(f"item {i}: {e.args[0]}") from e
+            return ids
+
+    def record_skip(self, comparison_id, labeler, *, permutation=None, shown_at=None, note=None) -> int:
+        """Store that `labeler` saw a comparison and declined to pick (e.g. all responses equally bad)."""
+        with self._write() as db:
+            return db.insert_action(
+                "skips", time.time(), comparison_id=comparison_id, best=None, labeler=labeler,
+                permutation=permutation, shown_at=shown_at, note=note,
+            )
+
+    def undo(self, labeler) -> dict | None:
+        """Retract `labeler`'s most recent label or skip that is not yet retracted. Calling it again undoes
+        the action before that. Returns {"type": "label" | "skip", "id", "comparison_id"}, or None if there is
+        nothing left to undo."""
+        with self._write() as db:
+            row = db.execute(
+                """SELECT 'label', id, comparison_id FROM live_labels WHERE labeler = ?
+                   UNION ALL SELECT 'skip', id, comparison_id FROM live_skips WHERE labeler = ?
+                   ORDER BY 2 DESC LIMIT 1""",
+                (labeler, labeler),
+            ).fetchone()
+            if row is None:
+                return None
+            kind, action_id, comparison_id = row
+            column = "label_id" if kind == "label" else "skip_id"
+            db.execute(
+                f"INSERT INTO retractions ({column}, labeler, created_at) VALUES (?, ?, ?)",
+                (action_id, labeler, time.time()),
+            )
+        return {"type": kind, "id": action_id, "comparison_id": comparison_id}
+
+    def retract_label(self, label_id, labeler) -> None:
+        """Retract one label, recording `labeler` as who retracted it. The row stays in the file."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM labels WHERE id = ?", (label_id,)).fetchone() is None:
+                raise KeyError(f"no label with id {label_id} in {self.path}")
+            done = db.execute("SELECT labeler FROM retractions WHERE label_id = ?", (label_id,)).fetchone()
+            if done is not None:
+                raise ValueError(f"label {label_id} was already retracted by {done[0]!r}; nothing to do")
+            db.execute(
+                "INSERT INTO retractions (label_id, labeler, created_at) VALUES (?, ?, ?)",
+                (label_id, labeler, time.time()),
+            )
+
+    # ---- queries ----
+
+    def pending(self, labeler, task=None, kind=None) -> list[int]:
+        """Ids of comparisons `labeler` has neither labeled nor skipped (retracted ones count as not done),
+        oldest first."""
+        where, args = _filters(
+            "c.id NOT IN (SELECT comparison_id FROM live_labels WHERE labeler = ?)",
+            "c.id NOT IN (SELECT comparison_id FROM live_skips WHERE labeler = ?)",
+            task=task, kind=kind,
+        )
+        with self._read() as db:
+            rows = db.execute(f"SELECT c.id FROM comparisons c {where} ORDER BY c.id", (labeler, labeler, *args))
+            return [r[0] for r in rows]
+
+    def labels(self, task=None, kind=None, labeler=None, include_retracted=False) -> list[Label]:
+        live_only = [] if include_retracted else ["r.id IS NULL"]
+        where, args = _filters(*live_only, task=task, kind=kind, labeler=labeler)
+        with self._read() as db:
+            rows = db.execute(
+                f"""SELECT l.*, r.id IS NOT NULL FROM labels l
+                    JOIN comparisons c ON c.id = l.comparison_id
+                    LEFT JOIN retractions r ON r.label_id = l.id
+                    {where} ORDER BY l.id""",
+                args,
+            ).fetchall()
+        return [_label(r) for r in rows]
+
+    def training_set(self, task=None, kind=None) -> list[tuple[Comparison, Label]]:
+        """One row per (comparison, labeler): that labeler's latest label that is not retracted."""
+        where, args = _filters(task=task, kind=kind)
+        with self._read() as db:
+            label_rows = db.execute(
+                f"""SELECT l.*, 0 FROM live_labels l WHERE l.id IN (
+                        SELECT max(l.id) FROM live_labels l JOIN comparisons c ON c.id = l.comparison_id
+                        {where} GROUP BY l.comparison_id, l.labeler)
+                    ORDER BY l.comparison_id, l.id""",
+                args,
+            ).fetchall()
+            where, args = _filters("c.id IN (SELECT comparison_id FROM live_labels)", task=task, kind=kind)
+            comparison_rows = db.execute(f"SELECT * FROM comparisons c {where}", args).fetchall()
+        by_id = {r[0]: _comparison(r) for r in comparison_rows}
+        return [(by_id[r[1]], _label(r)) for r in label_rows]
+
+    def counts(self) -> list[dict]:
+        """Per task and labeler: live labels, live skips, and retracted labels + skips."""
+        with self._read() as db:
+            rows = db.execute(
+                """SELECT c.task, a.labeler, sum(a.is_label AND NOT a.retracted),
+                          sum(NOT a.is_label AND NOT a.retracted), sum(a.retracted)
+                   FROM (SELECT comparison_id, labeler, 1 AS is_label, id NOT IN (SELECT id FROM live_labels)
+                                AS retracted FROM labels
+                         UNION ALL
+                         SELECT comparison_id, labeler, 0, id NOT IN (SELECT id FROM live_skips) FROM skips) a
+                   JOIN comparisons c ON c.id = a.comparison_id
+                   GROUP BY c.task, a.labeler ORDER BY c.task, a.labeler"""
+            ).fetchall()
+        return [dict(task=t, labeler=lb, labels=n, skips=s, retracted=x) for t, lb, n, s, x in rows]
+
+    def seconds_per_label(self, labeler=None, task=None) -> list[float]:
+        """submitted_at - shown_at of each live label that has a shown_at, oldest first."""
+        where, args = _filters("l.shown_at IS NOT NULL", task=task, labeler=labeler)
+        with self._read() as db:
+            rows = db.execute(
+                f"""SELECT l.submitted_at - l.shown_at FROM live_labels l
+                    JOIN comparisons c ON c.id = l.comparison_id {where} ORDER BY l.id""",
+                args,
+            )
+            return [r[0] for r in rows]
+
+    def agreement(self, task=None) -> dict:
+        """How often labelers pick the same response, over comparisons with live labels from >= 2 labelers.
+
+        Returns n_comparisons, n_pairs (labeler pairs summed over comparisons), agreement (fraction of those
+        pairs that agree; None if there are none), chance (mean 1/k: the agreement of random pickers) and
+        pairs: [{labeler_a, labeler_b, n, agreement}] per pair of labelers.
+        """
+        picks = defaultdict(dict)  # comparison id -> {labeler: best}
+        k_of = {}
+        for comparison, label in self.training_set(task=task):
+            picks[comparison.id][label.labeler] = label.best
+            k_of[comparison.id] = comparison.k
+        shared = {cid: p for cid, p in picks.items() if len(p) >= 2}
+        per_pair = defaultdict(lambda: [0, 0])  # (a, b) -> [agreeing, total]
+        for by_labeler in shared.values():
+            for a, b in combinations(sorted(by_labeler), 2):
+                per_pair[a, b][0] += by_labeler[a] == by_labeler[b]
+                per_pair[a, b][1] += 1
+        agree = sum(v[0] for v in per_pair.values())
+        total = sum(v[1] for v in per_pair.values())
+        return {
+            "n_comparisons": len(shared),
+            "n_pairs": total,
+            "agreement": agree / total if total else None,
+            "chance": sum(1 / k_of[cid] for cid in shared) / len(shared) if shared else None,
+            "pairs": [
+                {"labeler_a": a, "labeler_b": b, "n": n, "agreement": same / n}
+                for (a, b), (same, n) in sorted(per_pair.items())
+            ],
+        }
+
+    def to_dataset(self, task=None, shape="kway", kind=None):
+        """The training set as a datasets.Dataset.
+
+        shape="kway": columns query, sample0..sample{k-1}, best, labeler, comparison_id (the paper's format).
+        shape="pairwise": columns prompt, chosen, rejected, labeler, comparison_id: the best response against
+        each other response, k-1 rows per label (TRL's reward-trainer format).
+        """
+        if shape not in ("kway", "pairwise"):
+            raise ValueError(f"shape must be 'kway' or 'pairwise', got {shape!r}")
+        import datasets  # here, not at the top: the store is used where datasets is not needed
+
+        rows = self.training_set(task=task, kind=kind)
+        if shape == "pairwise":
+            columns = {"prompt": [], "chosen": [], "rejected": [], "labeler": [], "comparison_id": []}
+            for c, label in rows:
+                for j, response in enumerate(c.responses):
+                    if j != label.best:
+                        columns["prompt"].append(c.query)
+                        columns["chosen"].append(c.responses[label.best])
+                        columns["rejected"].append(response)
+                        columns["labeler"].append(label.labeler)
+                        columns["comparison_id"].append(c.id)
+            return datasets.Dataset.from_dict(columns)
+
+        ks = sorted({c.k for c, _ in rows})
+        if len(ks) > 1:
+            raise LabelStoreError(
+                f"the selected labels mix comparisons with k = {ks} responses, which do not fit one k-way table; "
+                "pass task= (and kind=) to select comparisons of one size, or use shape='pairwise'"
+            )
+        k = ks[0] if ks else 0
+        columns = {"query": [c.query for c, _ in rows]}
+        for i in range(k):
+            columns[f"sample{i}"] = [c.responses[i] for c, _ in rows]
+        columns["best"] = [label.best for _, label in rows]
+        columns["labeler"] = [label.labeler for _, label in rows]
+        columns["comparison_id"] = [c.id for c, _ in rows]
+        return datasets.Dataset.from_dict(columns)
+
+    def import_openai_labels(self, path, tokenizer, task, labeler="openai") -> int:
+        """Import a label file released with lm-human-preferences (e.g. sentiment/offline_5k.json).
+
+        The file is a JSON list of {"query": [token ids], "sample0".."sample3": [token ids], "best": int};
+        tokens are decoded with tokenizer.decode (use the GPT-2 tokenizer for OpenAI's files). Stores one
+        comparison (sources "openai") and one label per row, all in one transaction, and returns the number
+        of labels added. Importing the same file into the same task again adds nothing and returns 0.
+        """
+        path = Path(path)
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        expected = 'a JSON list of {"query": [ints], "sample0": [ints], ..., "best": int}'
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise LabelStoreError(f"{path} is not JSON ({e}); expected {expected}") from e
+        if not isinstance(data, list):
+            raise LabelStoreError(f"{path} holds a JSON {type(data).__name__}; expected {expected}")
+        # Decode everything before taking the write lock: a tokenizer can be slow, other writers should not wait.
+        rows = []
+        for i, row in enumerate(data):
+            query, samples, best = _parse_openai_row(row, i, path, expected)
+            comparison = _comparison_row(
+                task, tokenizer.decode(query), [tokenizer.decode(s) for s in samples],
+                query_tokens=query, response_tokens=samples, sources="openai",
+                extra={"imported_from": str(path), "import_sha256": digest, "row": i},
+            )
+            rows.append((comparison, best))
+        now = time.time()
+        with self._write() as db:
+            already = db.execute(
+                "SELECT count(*) FROM comparisons WHERE task = ? AND json_extract(extra, '$.import_sha256') = ?",
+                (task, digest),
+            ).fetchone()[0]
+            if not already:
+                for comparison, best in rows:
+                    cid = db.insert_comparison(comparison, now)
+                    db.insert_action("labels", now, comparison_id=cid, best=best, labeler=labeler)
+        if already:
+            # Re-running a notebook cell must not double every label.
+            warnings.warn(f"{path} was already imported into task {task!r} ({already} comparisons); "
+                          "nothing was added", stacklevel=2)
+            return 0
+        return len(rows)
+
+    def integrity_check(self) -> str:
+        """SQLite's full consistency check plus the foreign keys: "ok" when the file is healthy."""
+        with self._read() as db:
+            result = "\n".join(r[0] for r in db.execute("PRAGMA integrity_check"))
+            broken = db.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            result += f"\nforeign key violations: {broken}"
+        return result
+
+
+class _Tx:
+    """The connection as seen inside one transaction, with the inserts that need several statements."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.execute = conn.execute
+
+    def executescript_in_transaction(self, script):
+        # sqlite3's executescript() would COMMIT first; run the statements one by one instead so a
+        # migration and its version bump land in the same transaction.
+        for statement in _split_sql(script):
+            self.conn.execute(statement)
+
+    def insert_comparison(self, row, now) -> int:
+        cur = self.conn.execute(
+            """INSERT INTO comparisons (task, kind, query, query_tokens, k, responses, response_tokens,
+                                        sources, reference, extra, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (*row, now),
+        )
+        return cur.lastrowid
+
+    def insert_action(self, table, now, *, comparison_id, best, labeler, permutation=None, shown_at=None,
+                      note=None) -> int:
+        found = self.conn.execute("SELECT k FROM comparisons WHERE id = ?", (comparison_id,)).fetchone()
+        if found is None:
+            raise KeyError(f"no comparison with id {comparison_id}; add it with add_comparison() first")
+        k = found[0]
+        if not isinstance(labeler, str) or not labeler:
+            raise ValueError(f"labeler must be a non-empty string naming who labeled, got {labeler!r}")
+        permutation = list(range(k)) if permutation is None else [operator.index(p) for p in permutation]
+        if sorted(permutation) != list(range(k)):
+            raise ValueError(f"permutation must list each of 0..{k - 1} once (display position -> stored "
+                             f"index) for comparison {comparison_id}, got {permutation}")
+        if shown_at is not None and not math.isfinite(shown_at):
+            raise ValueError(f"shown_at must be a unix time in seconds or None, got {shown_at!r}")
+        if note is not None and not isinstance(note, str):
+            raise ValueError(f"note must be a string or None, got {type(note).__name__}")
+        action_id = self.conn.execute(_NEXT_ACTION_ID).fetchone()[0]
+        common = (comparison_id, json.dumps(permutation), labeler, shown_at, now, note)
+        if table == "labels":
+            try:
+                best = operator.index(best)  # accepts numpy and torch integers, refuses floats
+            except TypeError:
+                raise ValueError(f"best must be an int index into the responses, got {best!r}") from None
+            if not 0 <= best < k:
+                raise ValueError(f"best={best} is out of range: comparison {comparison_id} has {k} responses "
+                                 f"(0..{k - 1}, stored order)")
+            self.conn.execute(
+                """INSERT INTO labels (id, best, comparison_id, permutation, labeler, shown_at, submitted_at, note)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (action_id, best, *common),
+            )
+        else:
+            self.conn.execute(
+                """INSERT INTO skips (id, comparison_id, permutation, labeler, shown_at, submitted_at, note)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (action_id, *common),
+            )
+        return action_id
+
+
+def _refuse_foreign_file(path: Path):
+    """Raise LabelStoreError unless `path` is missing, empty, an empty SQLite db, or a labkit store.
+    Reads only: a file that is not ours must come out of this byte-for-byte unchanged."""
+    if not path.exists():
+        return
+    what_to_do = "Pass a new path to LabelStore (it creates the file), or restore this file from a backup."
+    if not path.is_file():
+        raise LabelStoreError(f"{path} is not a regular file. {what_to_do}")
+    with open(path, "rb") as f:
+        header = f.read(100)
+    if len(header) == 0:
+        return  # an empty file (e.g. made by tempfile) holds nothing to lose
+    if not header.startswith(_SQLITE_MAGIC):
+        raise LabelStoreError(f"{path} is not an SQLite database (its first bytes are {header[:16]!r}), so it "
+                              f"is not a labkit label store. The file was not changed. {what_to_do}")
+    # Ask SQLite itself, read-only: after a crash the newest header may still sit in the -wal file.
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise LabelStoreError(f"{path} looks like SQLite but cannot be read ({e}); it may be corrupt. "
+                              f"The file was not changed. {what_to_do}") from e
+    if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
+        raise LabelStoreError(_too_new(path, version))
+    if app_id == APPLICATION_ID or (app_id == 0 and not tables):
+        return
+    raise LabelStoreError(
+        f"{path} is an SQLite database of another application (application_id={app_id:#x}, tables "
+        f"{tables[:5]}), not a labkit label store. The file was not changed. {what_to_do}"
+    )
+
+
+def _too_new(path, version):
+    return (f"{path} has label schema v{version}, but this labkit only knows up to v{SCHEMA_VERSION}. "
+            "Upgrade labkit to open it. The file was not changed.")
+
+
+def _comparison_row(task, query, responses, query_tokens=(), response_tokens=None, sources="unknown",
+                    kind="train", reference=None, extra=None) -> tuple:
+    """Validate add_comparison's arguments; return the column values in insert order."""
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"task must be a non-empty string such as 'sentiment', got {task!r}")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind must be a non-empty string such as 'train' or 'validation', got {kind!r}")
+    if not isinstance(query, str):
+        raise ValueError(f"query must be the query text (a str), got {type(query).__name__}")
+    if isinstance(responses, str):
+        raise ValueError("responses must be a list of strings (the response texts), got one string")
+    responses = list(responses)
+    if not all(isinstance(r, str) for r in responses):
+        raise ValueError("responses must be a list of strings (the response texts)")
+    k = len(responses)
+    if k < 2:
+        raise ValueError(f"a comparison needs at least 2 responses to choose between, got {k}")
+    if response_tokens is None:
+        response_tokens = [[] for _ in responses]
+    response_tokens = [_token_list(t, f"response_tokens[{i}]") for i, t in enumerate(response_tokens)]
+    if len(response_tokens) != k:
+        raise ValueError(f"response_tokens has {len(response_tokens)} entries but there are {k} responses")
+    sources = [sources] * k if isinstance(sources, str) else list(sources)
+    if len(sources) != k or not all(isinstance(s, str) for s in sources):
+        raise ValueError(f"sources must be one string or a list of {k} strings (one per response), got {sources!r}")
+    if reference is not None and not isinstance(reference, str):
+        raise ValueError(f"reference must be a string or None, got {type(reference).__name__}")
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
+    try:
+        extra_json = json.dumps(extra)
+    except TypeError as e:
+        raise ValueError(f"extra must be JSON-serialisable (str, numbers, lists, dicts): {e}") from e
+    return (task, kind, query, json.dumps(_token_list(query_tokens, "query_tokens")), k, json.dumps(responses),
+            json.dumps(response_tokens), json.dumps(sources), reference, extra_json)
+
+
+def _token_list(tokens, name) -> list[int]:
+    if isinstance(tokens, (str, bytes)):
+        raise ValueError(f"{name} must be a list of token ids (ints), got a {type(tokens).__name__}")
+    try:
+        return [operator.index(t) for t in tokens]
+    except TypeError as e:
+        raise ValueError(f"{name} must be a list of token ids (ints): {e}. For a tensor, pass tensor.tolist()") from e
+
+
+def _parse_openai_row(row, i, path, expected):
+    if not isinstance(row, dict) or not {"query", "sample0", "sample1", "best"} <= row.keys():
+        got = f"keys {sorted(row)}" if isinstance(row, dict) else f"a {type(row).__name__}"
+        raise LabelStoreError(f"{path} row {i}: expected {expected}, got {got}")
+    k = 0
+    while f"sample{k}" in row:
+        k += 1
+    try:
+        query = _token_list(row["query"], "query")
+        samples = [_token_list(row[f"sample{j}"], f"sample{j}") for j in range(k)]
+    except ValueError as e:
+        raise LabelStoreError(f"{path} row {i}: {e}; expected {expected}") from e
+    best = row["best"]
+    if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < k:
+        raise LabelStoreError(f"{path} row {i}: best={best!r} must be an int in 0..{k - 1}; expected {expected}")
+    return query, samples, best
+
+
+def _filters(*clauses, task=None, kind=None, labeler=None):
+    """A WHERE clause over comparisons `c` (and labels `l` for labeler) with its parameters; `clauses` are
+    extra conditions ANDed in."""
+    clauses, args = list(clauses), []
+    for column, value in (("c.task", task), ("c.kind", kind), ("l.labeler", labeler)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def _comparison(row) -> Comparison:
+    id, task, kind, query, query_tokens, _k, responses, response_tokens, sources, reference, extra, created = row
+    return Comparison(id, task, kind, query, json.loads(query_tokens), json.loads(responses),
+                      json.loads(response_tokens), json.loads(sources), reference, json.loads(extra), created)
+
+
+def _label(row) -> Label:
+    id, comparison_id, best, permutation, labeler, shown_at, submitted_at, note, retracted = row
+    return Label(id, comparison_id, best, json.loads(permutation), labeler, shown_at, submitted_at, note,
+                 bool(retracted))
+
+
+def _split_sql(script):
+    """Split a migration script into statements (sqlite3.complete_statement knows where each one ends)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {current.strip()[:80]}")
+    return statements

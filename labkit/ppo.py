@@ -1,0 +1,532 @@
+"""PPO against a reward with a KL penalty to the original model, step by step from a notebook.
+
+`PPOTrainer.step()` is one update of the paper's recipe (released code, OpenAI baselines' PPO2):
+  1. sample queries and roll out the policy pi at the task temperature
+  2. score: the reward model (or any callable) on truncated responses; no truncation token -> penalty
+  3. log-probs of rho (the frozen original) and old values
+  4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten (mean kept)
+  5. GAE (gamma 1, lambda 0.95), returns, whitened advantages
+  6. PPO epochs over minibatches: clipped policy loss + 0.1 * clipped value loss
+  7. adapt beta (KL controller), decay the learning rate, report TRL-named metrics
+
+Value function: `value_model="shared"` (default) is the released code's zero-initialised scalar head on
+the policy's own trunk: one forward pass gives log-probs and values, and no second model is held.
+`value_model="separate"` is TRL/OpenRLHF's design: a separate trunk initialised from the reward model
+(from rho with a zero head when the reward is a plain callable). The shared head is the default because
+it is the paper's code and costs half the compute and memory on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean, whiten
+from labkit.kl_controller import AdaptiveKLController, FixedKLController
+from labkit.optim import linear_decay_scheduler, make_optimizer
+from labkit.reward import RewardModel
+from labkit.sampling import Rollout, forward_responses, sample, unwrap
+from labkit.tasks import Task, format_query, get_task
+
+RewardFn = Callable[[list[str], list[str]], "list[float] | torch.Tensor"]
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings. Defaults follow the released code where a CPU can afford it (see each field)."""
+
+    batch_size: int = 64
+    """Rollouts per update (the paper: 1024 style / 512 summaries; code at 124M: 512 / 32)."""
+    minibatch_size: int | None = None
+    """Rollouts per optimiser step; None = the whole batch (the code's 1 minibatch)."""
+    micro_batch_size: int | None = None
+    """Rollouts per forward/backward inside a minibatch (gradient accumulation); None = minibatch."""
+    ppo_epochs: int = 4
+    """Passes over each batch, with a fresh permutation each pass."""
+    lr: float = 1e-5
+    """Peak learning rate, decayed linearly to 0 over `total_updates` (code: 1e-5 style, 2e-6 TL;DR)."""
+    total_updates: int = 100
+    """Planned number of updates: sets the learning-rate decay horizon."""
+    optimizer: str = "tf_adam"
+    """"tf_adam" (eps on the un-corrected sqrt(v), the original's; default) or "adam" (PyTorch's)."""
+    init_beta: float | None = None
+    """Initial KL coefficient; None = the task's (0.15 style, 0.03 TL;DR, 0.01 CNN/DM)."""
+    kl_target: float | None = -1.0
+    """Target KL (nats per sequence) of the adaptive controller; None = fixed beta; -1 = the task's."""
+    kl_horizon: int = 10_000
+    """Adaptive controller horizon in episodes (the code's 10,000)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO policy ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip around the old values."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient in loss = pg_loss + vf_coef * vf_loss."""
+    whiten_rewards: bool = True
+    """Scale per-token rewards by 1/std over the batch, keeping the mean (the code's default)."""
+    value_model: str = "shared"
+    """"shared" (head on the policy trunk, zero init) or "separate" (a copy of the reward model)."""
+    lora_r: int = 0
+    """LoRA rank; 0 = full fine-tuning. With LoRA, rho is the policy with adapters disabled."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (effective scale alpha / r)."""
+    generation_batch_size: int | None = None
+    """Rollouts sampled at once (memory bound); None = the whole batch."""
+    seed: int = 0
+    """Seeds prompt choice, sampling and minibatch order (all saved in checkpoints)."""
+    save_every: int = 1
+    """With a run_dir, checkpoint after every this many updates (0 = only when asked)."""
+    n_samples_shown: int = 4
+    """Samples per update passed to the dashboard's table."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PPOConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown PPOConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
+        return cls(**d)
+
+
+class ValueHead(nn.Module):
+    """Scalar value per position from final hidden states (B, R, H) -> (B, R); zero init as the code."""
+
+    def __init__(self, d_model: int, device=None, dtype=None):
+        super().__init__()
+        self.linear = nn.Linear(d_model, 1, device=device, dtype=dtype)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden):
+        return self.linear(hidden).squeeze(-1).float()
+
+
+class SeparateValueModel(nn.Module):
+    """A trunk of its own plus a scalar head: initialised from the reward model (trunk, head, gain, bias)."""
+
+    def __init__(self, lm, head: nn.Linear, gain: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.lm = lm
+        self.head = head
+        with torch.no_grad():  # fold the reward model's normalisation into the head
+            self.head.weight.mul_(gain)
+            self.head.bias.mul_(gain).add_(bias)
+
+    def forward(self, query_ids, query_lengths, response_ids, temperature):
+        out = forward_responses(self.lm, query_ids, query_lengths, response_ids, temperature, want_hidden=True)
+        return self.head(out.hidden).squeeze(-1).float()  # (B, R)
+
+
+def _as_prompt_texts(prompts) -> list[str]:
+    return [p if isinstance(p, str) else p.text for p in prompts]
+
+
+class PPOTrainer:
+    """Fine-tunes `policy` (pi) against `reward` with a KL penalty to a frozen copy of it (rho).
+
+    reward: a `RewardModel`, or any callable `(queries: list[str], responses: list[str]) -> scores`.
+    prompts: source texts (str or labkit.data.Prompt); queries are formatted by the task.
+    run_dir: where checkpoints go; if it already holds one, the trainer resumes from it.
+    """
+
+    def __init__(self, policy, tokenizer, task: Task | str, reward: RewardModel | RewardFn, prompts,
+                 config: PPOConfig | None = None, run_dir: str | os.PathLike | None = None, verbose: bool = True):
+        self.config = cfg = config or PPOConfig()
+        self.task = get_task(task)
+        self.tokenizer = tokenizer
+        self.reward = reward
+        self.prompts = _as_prompt_texts(prompts)
+        if not self.prompts:
+            raise ValueError("PPOTrainer needs at least one prompt.")
+        if cfg.value_model not in ("shared", "separate"):
+            raise ValueError(f"value_model must be 'shared' or 'separate', not {cfg.value_model!r}.")
+        self.queries = [format_query(self.task, t, tokenizer) for t in self.prompts]  # token ids, formatted once
+        self.device = next(policy.parameters()).device
+
+        # rho: frozen original. With LoRA it is the same weights with adapters disabled (no second copy).
+        if cfg.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                              bias="none")
+            self.policy = get_peft_model(policy, lora)
+            self.rho = None
+        else:
+            self.policy = policy
+            self.rho = copy.deepcopy(policy).requires_grad_(False)
+        self.policy.eval()  # dropout stays off while training (the paper's setting)
+
+        d_model = unwrap(self.policy).config.hidden_size
+        p0 = next(self.policy.parameters())
+        if cfg.value_model == "shared":
+            self.value_head = ValueHead(d_model, device=self.device, dtype=p0.dtype)
+            self.value_model = None
+        else:
+            self.value_head = None
+            if isinstance(reward, RewardModel):
+                self.value_model = SeparateValueModel(copy.deepcopy(reward.lm), copy.deepcopy(reward.head),
+                                                      reward.gain.item(), reward.bias.item())
+            else:
+                self.value_model = SeparateValueModel(copy.deepcopy(unwrap(policy)), ValueHead(d_model, self.device, p0.dtype).linear)
+            self.value_model.requires_grad_(True).eval()
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params += list((self.value_head or self.value_model).parameters())
+        self.params = params
+        self.optimizer = make_optimizer(params, cfg.lr, cfg.optimizer)
+        self.scheduler = linear_decay_scheduler(self.optimizer, cfg.total_updates)
+        init_beta = cfg.init_beta if cfg.init_beta is not None else self.task.init_beta
+        target = self.task.kl_target if cfg.kl_target == -1.0 else cfg.kl_target
+        self.kl_ctl = AdaptiveKLController(init_beta, target, cfg.kl_horizon) if target is not None else FixedKLController(init_beta)
+        self.kl_target = target
+
+        # All randomness is owned here and checkpointed, so a resumed run repeats the same updates.
+        self.rng = np.random.default_rng(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.step_count = 0
+        self.history: list[dict] = []
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # held during an update; snapshots for sampling take it too
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and (self.run_dir / "checkpoint" / "trainer.json").exists():
+            self.load(self.run_dir / "checkpoint")
+            if verbose:
+                print(f"Resumed from {self.run_dir / 'checkpoint'} at update {self.step_count}.")
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    def _rho_logprobs(self, roll: Rollout) -> torch.Tensor:
+        with torch.no_grad():
+            if self.rho is None:
+                with self.policy.disable_adapter():
+                    return forward_responses(self.policy, roll.query_ids, roll.query_lengths, roll.response_ids, self.task.temperature).logprobs
+            return forward_responses(self.rho, roll.query_ids, roll.query_lengths, roll.response_ids, self.task.temperature).logprobs
+
+    def _score(self, roll: Rollout) -> torch.Tensor:
+        """Scores (B,) of truncated responses; the task's penalty where no truncation token was found."""
+        if isinstance(self.reward, RewardModel):
+            scores = self.reward.score_rollout(roll).float().to(self.device)
+        else:
+            scores = torch.as_tensor(self.reward(roll.query_texts, roll.response_texts), dtype=torch.float32, device=self.device)
+            if scores.shape != (len(roll),):
+                raise ValueError(f"The reward function returned shape {tuple(scores.shape)}; expected one score per response ({len(roll)},).")
+        return torch.where(roll.found, scores, torch.full_like(scores, self.task.penalty))
+
+    def _policy_and_values(self, q_ids, q_len, r_ids, want_entropy=False):
+        """New log-probs (B, R), values (B, R), and entropy for a batch, with gradients."""
+        if self.value_head is not None:
+            out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, want_hidden=True)
+            return out.logprobs, self.value_head(out.hidden), out.entropy
+        out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy)
+        return out.logprobs, self.value_model(q_ids, q_len, r_ids, self.task.temperature), out.entropy
+
+    # ------------------------------------------------------------------------------------------
+    # one update
+
+    def step(self) -> dict:
+        """One PPO update on a fresh batch of rollouts; returns its metrics (also appended to .history)."""
+        cfg = self.config
+        t_start = time.time()
+
+        # 1. sample queries and roll out pi (no state changes before step 6: an interrupt here is harmless)
+        idx = self.rng.integers(0, len(self.queries), size=cfg.batch_size)
+        with self._lock:
+            roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
+                          generator=self.generator, batch_size=cfg.generation_batch_size)
+        t_gen = time.time()
+
+        # 2. score the truncated responses
+        scores = self._score(roll)  # (B,)
+
+        # 3. rho's log-probs and the old log-probs / values of pi
+        ref_logprobs = self._rho_logprobs(roll)  # (B, R)
+        with torch.no_grad():
+            old_logprobs, old_values, _ = self._policy_and_values(roll.query_ids, roll.query_lengths, roll.response_ids)
+        t_score = time.time()
+
+        # 4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten keeping the mean
+        beta = self.kl_ctl.beta
+        rewards, kl, non_score = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, beta)  # (B, R) each
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, shift_mean=False)
+
+        # 5. advantages (GAE) and returns; advantages whitened fully
+        advantages, returns = compute_gae(rewards, old_values, gamma=cfg.gamma, lam=cfg.lam)
+        advantages = whiten(advantages)
+
+        # 6. PPO epochs. Interrupts are deferred so an update is applied whole or not at all.
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
+        B = cfg.batch_size
+        mb = cfg.minibatch_size or B
+        micro = cfg.micro_batch_size or mb
+        with _deferred_interrupt():
+            with self._lock:
+                for _ in range(cfg.ppo_epochs):
+                    perm = torch.from_numpy(self.rng.permutation(B)).to(self.device)
+                    for mb_start in range(0, B, mb):
+                        mb_idx = perm[mb_start : mb_start + mb]
+                        self.optimizer.zero_grad(set_to_none=True)
+                        for mc_start in range(0, len(mb_idx), micro):
+                            i = mb_idx[mc_start : mc_start + micro]
+                            logprobs, vpred, entropy = self._policy_and_values(
+                                roll.query_ids[i], roll.query_lengths[i], roll.response_ids[i], want_entropy=True)
+                            # clipped value loss around the old values
+                            vpredclipped = old_values[i] + (vpred - old_values[i]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+                            vf_losses1 = (vpred - returns[i]) ** 2
+                            vf_losses2 = (vpredclipped - returns[i]) ** 2
+                            vf_loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
+                            # clipped policy loss
+                            logratio = logprobs - old_logprobs[i]
+                            ratio = torch.exp(logratio)
+                            pg_losses = -advantages[i] * ratio
+                            pg_losses2 = -advantages[i] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
+                            pg_loss = torch.max(pg_losses, pg_losses2).mean()
+                            loss = pg_loss + cfg.vf_coef * vf_loss
+                            (loss * len(i) / len(mb_idx)).backward()  # accumulate as if one minibatch
+                            with torch.no_grad():
+                                stats["pg_loss"].append(pg_loss.item())
+                                stats["vf_loss"].append(vf_loss.item())
+                                stats["pg_clipfrac"].append((pg_losses2 > pg_losses).float().mean().item())
+                                stats["vf_clipfrac"].append((vf_losses2 > vf_losses1).float().mean().item())
+                                stats["approxkl"].append(0.5 * (logratio**2).mean().item())
+                                stats["ratio"].append(ratio.mean().item())
+                                stats["entropy"].append(entropy.sum(-1).mean().item())
+                        self.optimizer.step()
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scheduler.step()
+
+                # 7. adapt beta on this batch's KL (summed over tokens, batch mean), report
+                kl_sum = kl.sum(-1)  # (B,)
+                self.kl_ctl.update(kl_sum.mean().item(), B)
+                self.step_count += 1
+        t_end = time.time()
+
+        ratio_k3 = torch.exp(ref_logprobs - old_logprobs)  # k3 = (r - 1) - log r >= 0 per token, unbiased
+        metrics = {
+            "step": self.step_count,
+            "episodes": self.step_count * B,
+            "objective/kl": kl_sum.mean().item(),
+            "objective/kl3": ((ratio_k3 - 1) - torch.log(ratio_k3)).sum(-1).mean().item(),
+            "objective/kl_coef": beta,
+            "objective/kl_target": self.kl_target,
+            "objective/scores": scores.mean().item(),
+            "objective/scores_std": scores.std(unbiased=False).item(),
+            "objective/non_score_reward": non_score.sum(-1).mean().item(),
+            "objective/rlhf_reward": (scores + non_score.sum(-1)).mean().item(),
+            "objective/entropy": float(np.mean(stats["entropy"][: max(1, len(stats["entropy"]) // cfg.ppo_epochs)])),
+            "objective/truncated_frac": roll.found.float().mean().item(),
+            "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
+            "policy/clipfrac_avg": float(np.mean(stats["pg_clipfrac"])),
+            "loss/policy_avg": float(np.mean(stats["pg_loss"])),
+            "loss/value_avg": float(np.mean(stats["vf_loss"])),
+            "val/clipfrac_avg": float(np.mean(stats["vf_clipfrac"])),
+            "val/ratio": float(np.mean(stats["ratio"])),
+            "val/mean": masked_mean(old_values, None).item(),
+            "lr": lr,
+            "eps": B / (t_end - t_start),
+            "time/generation": t_gen - t_start,
+            "time/scoring": t_score - t_gen,
+            "time/optimization": t_end - t_score,
+            "time/step": t_end - t_start,
+        }
+        self.history.append(metrics)
+        self.samples = [
+            {"query": roll.query_texts[b], "response": roll.response_texts[b], "score": round(scores[b].item(), 3),
+             "kl": round(kl_sum[b].item(), 3)}
+            for b in range(min(cfg.n_samples_shown, B))
+        ]
+        if self.run_dir is not None:
+            self._append_metrics(metrics)
+            if cfg.save_every and self.step_count % cfg.save_every == 0:
+                self.save(self.run_dir / "checkpoint")
+        return metrics
+
+    def train(self, n_updates: int, dashboard=None, progress: bool = True) -> list[dict]:
+        """Run `n_updates` updates (stops early after the current update if `stop()` is called)."""
+        from tqdm.auto import tqdm
+
+        self._stop.clear()
+        out = []
+        bar = tqdm(total=n_updates, desc="PPO", disable=not progress)
+        try:
+            for _ in range(n_updates):
+                m = self.step()
+                out.append(m)
+                if dashboard is not None:
+                    dashboard.log(m, self.samples)
+                bar.update(1)
+                bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.2f}")
+                if self._stop.is_set():
+                    break
+        finally:
+            bar.close()
+            if dashboard is not None:
+                dashboard.flush()
+        return out
+
+    def train_in_background(self, n_updates: int, dashboard=None) -> threading.Thread:
+        """Start `train(n)` in a thread and return at once, so widgets stay responsive while it runs."""
+        thread = threading.Thread(target=self.train, args=(n_updates, dashboard, False), daemon=True, name="labkit-ppo")
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Ask a running `train` to end cleanly after the current update."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------------------------------
+    # sampling from the current policy (for labeling while training)
+
+    @torch.no_grad()
+    def sample_policy(self, prompts: list[str], n: int = 1, seed: int | None = None) -> Rollout:
+        """Sample n responses per prompt from the current weights, consistent with training updates."""
+        queries = [format_query(self.task, p, self.tokenizer) for p in prompts for _ in range(n)]
+        gen = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.randrange(2**31))
+        with self._lock:
+            return sample(self.policy, self.tokenizer, queries, self.task, generator=gen)
+
+    @torch.no_grad()
+    def sample_rho(self, prompts: list[str], n: int = 1, seed: int | None = None) -> Rollout:
+        queries = [format_query(self.task, p, self.tokenizer) for p in prompts for _ in range(n)]
+        gen = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.randrange(2**31))
+        if self.rho is None:
+            with self._lock, self.policy.disable_adapter():
+                return sample(self.policy, self.tokenizer, queries, self.task, generator=gen)
+        return sample(self.rho, self.tokenizer, queries, self.task, generator=gen)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints (safetensors + JSON; no pickle)
+
+    def _append_metrics(self, metrics: dict) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def state_tensors_and_meta(self) -> tuple[dict, dict]:
+        tensors = {f"param.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.params)}
+        opt_state = self.optimizer.state_dict()
+        opt_meta = {"param_groups": opt_state["param_groups"], "scalars": {}}
+        for pid, st in opt_state["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    tensors[f"opt.{pid}.{k}"] = v.contiguous().cpu()
+                else:
+                    opt_meta["scalars"][f"{pid}.{k}"] = v.item() if torch.is_tensor(v) else v
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        tensors["rng.generator"] = self.generator.get_state().cpu()
+        meta = {
+            "format": "labkit-ppo-checkpoint", "version": 1, "step": self.step_count,
+            "config": asdict(self.config), "task": asdict(self.task), "optimizer": opt_meta,
+            "scheduler": self.scheduler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state, "history": self.history,
+        }
+        return tensors, meta
+
+    def save(self, folder) -> Path:
+        """Write the full state atomically: a crash mid-save leaves the previous checkpoint intact."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tensors, meta = self.state_tensors_and_meta()
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(meta, default=_json_default))
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def load(self, folder) -> None:
+        """Restore a checkpoint written by `save` into this trainer (built with the same models)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / "trainer.json").read_text())
+        if meta.get("format") != "labkit-ppo-checkpoint":
+            raise ValueError(f"{folder} is not a labkit PPO checkpoint.")
+        tensors = load_file(str(folder / "state.safetensors"))
+        n_params = sum(1 for k in tensors if k.startswith("param."))
+        if n_params != len(self.params):
+            raise ValueError(f"Checkpoint {folder} has {n_params} trainable tensors, this trainer {len(self.params)}: "
+                             "build the trainer with the same model, LoRA and value settings as the saved run.")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v.to(self.device)
+        for k, v in meta["optimizer"]["scalars"].items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = torch.tensor(v) if name == "step" and isinstance(self.optimizer, torch.optim.Adam) else v
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.kl_ctl.load_state_dict(meta["kl_controller"])
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+        self.generator.set_state(tensors["rng.generator"].to(self.generator.device) if self.device.type != "cuda" else tensors["rng.generator"])
+        self.step_count = meta["step"]
+        self.history = meta["history"]
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, torch.Tensor):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Hold a Ctrl-C / kernel interrupt until the block ends, so an update is never half-applied.
+
+    Only possible in the main thread (signal handlers); elsewhere the block runs unguarded, which is fine
+    because background training is stopped with `stop()`, not with an interrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:  # second interrupt: give up waiting
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("Interrupt received: finishing the current update first (interrupt again to force).")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

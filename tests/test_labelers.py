@@ -1,0 +1,93 @@
+"""Mock labelers: each prefers what it claims to, temperature gives softmax-distributed picks, and
+label_pending files labels under the labeler's id."""
+
+import numpy as np
+import pytest
+
+from labkit.labelers import (DescriptivenessLabeler, RougeLabeler, VaderLabeler, descriptiveness, label_pending,
+                             pick)
+from labkit.labels import Comparison, LabelStore
+
+HAPPY, SAD = "I love this wonderful happy day.", "This is awful and sad."
+VIVID = "The crimson sun sank behind jagged peaks, casting long violet shadows across the silent, misty valley."
+BLAND = "The sun went down behind the mountains and then it was night in the place."
+
+
+def comparison(responses, reference=None, id=1):
+    return Comparison(id, "t", "train", "q", [], list(responses), [[] for _ in responses], ["rho"] * len(responses),
+                      reference, {}, 0.0)
+
+
+def test_vader_prefers_happy():
+    labeler = VaderLabeler()
+    assert labeler.labeler_id == "mock:vader"
+    assert labeler.choose(comparison([SAD, HAPPY])) == 1
+    happy, sad = labeler([HAPPY, SAD])  # also a reward function
+    assert happy > 0.5 and sad < -0.5
+
+
+def test_descriptiveness_prefers_vivid():
+    labeler = DescriptivenessLabeler()
+    assert labeler.labeler_id == "mock:descriptive"
+    assert labeler.choose(comparison([BLAND, VIVID])) == 1
+    assert descriptiveness(VIVID) > 1.0 and descriptiveness(BLAND) == 0.0
+    # Repetition is penalised, and a two-word fragment does not beat a vivid sentence.
+    assert descriptiveness("dark dark dark dark night") < descriptiveness("dark night")
+    assert descriptiveness("crimson.") < descriptiveness(VIVID)
+    assert descriptiveness("") == 0.0
+
+
+def test_rouge_prefers_text_closer_to_reference():
+    labeler = RougeLabeler()
+    reference = "the council approved the new park budget on monday"
+    close, far = "council approves new park budget monday", "a dog barked at the mailman"
+    assert labeler.choose(comparison([far, close], reference=reference)) == 1
+    scores = labeler.score([close, far], [reference, reference])
+    assert scores[0] > scores[1] >= 0.0
+    with pytest.raises(ValueError, match="comparison 7 .* no reference"):
+        labeler.choose(comparison([far, close], id=7))
+    with pytest.raises(ValueError, match="needs references"):
+        labeler.score([close])
+
+
+def test_temperature_samples_softmax():
+    texts = [HAPPY, SAD, "It is a day.", "Good."]
+    labeler = VaderLabeler(temperature=0.5, seed=0)
+    scores = np.array(labeler.score(texts))
+    expected = np.exp(scores / 0.5) / np.exp(scores / 0.5).sum()
+    c = comparison(texts)
+    n = 3000
+    picks = [labeler.choose(c) for _ in range(n)]
+    freq = np.bincount(picks, minlength=4) / n
+    assert np.abs(freq - expected).max() < 0.04  # ~4 standard errors at n = 3000
+    # Seeded: the same seed gives the same sequence of picks.
+    again = VaderLabeler(temperature=0.5, seed=0)
+    assert [again.choose(c) for _ in range(50)] == picks[:50]
+
+
+def test_pick():
+    rng = np.random.default_rng(0)
+    assert pick([0.1, 0.9, 0.9], 0.0, rng) == 1  # argmax, first on ties
+    assert pick([0.0, 1000.0], 1e-3, rng) == 1  # tiny temperatures do not overflow
+    freq = np.bincount([pick([0.0, np.log(3.0)], 1.0, rng) for _ in range(4000)], minlength=2) / 4000
+    assert freq[1] == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        VaderLabeler(temperature=-1.0)
+
+
+def test_label_pending_stores_under_labeler_ids(tmp_path):
+    with LabelStore(tmp_path / "labels.db") as store:
+        cids = store.add_comparisons([dict(task="sentiment", query="q", responses=[SAD, HAPPY])] * 3)
+        store.add_comparison("other", "q", [HAPPY, SAD])
+        assert label_pending(store, VaderLabeler(), task="sentiment", limit=2) == 2
+        assert label_pending(store, VaderLabeler(), task="sentiment") == 1
+        assert label_pending(store, VaderLabeler(), task="sentiment") == 0  # nothing left
+        assert label_pending(store, DescriptivenessLabeler(), task="sentiment") == 3
+        noisy = VaderLabeler(temperature=0.3, seed=1, labeler_id="mock:vader@T0.3")
+        assert label_pending(store, noisy, task="sentiment") == 3
+
+        vader = store.labels(labeler="mock:vader")
+        assert [lb.comparison_id for lb in vader] == cids and all(lb.best == 1 for lb in vader)
+        assert len(store.labels(labeler="mock:descriptive")) == 3
+        assert len(store.labels(labeler="mock:vader@T0.3")) == 3
+        assert store.pending("mock:vader") == [cids[-1] + 1]  # the other task is untouched

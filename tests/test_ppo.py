@@ -1,0 +1,215 @@
+"""PPO on the tiny model: signs, KL mechanics, metrics, LoRA, value variants, checkpoints and resume."""
+
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labkit.models import load_lm
+from labkit.ppo import PPOConfig, PPOTrainer
+from labkit.reward import reward_model_from_lm
+from labkit.sampling import sample, score_logprobs
+from labkit.tasks import SENTIMENT, format_query
+
+PROMPTS = ["It was late. The rain stopped and she waited.", "One. Two words here. And more."]
+TRL_METRICS = ["objective/kl", "objective/kl_coef", "objective/scores", "objective/rlhf_reward",
+               "objective/non_score_reward", "objective/entropy", "policy/approxkl_avg", "policy/clipfrac_avg",
+               "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio", "eps",
+               "time/generation", "time/scoring", "time/optimization"]
+
+
+def peaky_tiny(seed=0):
+    """The tiny model with scaled embeddings: its samples repeat tokens ('.' ~7%), so a reward can act."""
+    model, tok = load_lm("tiny", device="cpu", seed=seed)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(6.0)
+    return model, tok
+
+
+def task(length=8):
+    return SENTIMENT.with_(response_length=length, truncation=None)
+
+
+def dot_freq(model, tok, length=8):
+    t = task(length)
+    r = sample(model, tok, [format_query(t, PROMPTS[0], tok)] * 64, t, generator=torch.Generator().manual_seed(123))
+    return (r.response_ids == tok.convert_tokens_to_ids(".")).float().mean().item()
+
+
+def sequence_kl(trainer, length, n=128):
+    """Monte-Carlo KL(pi || rho) of whole responses, with many samples (a low-noise reference)."""
+    t = trainer.task
+    q = [format_query(t, p, trainer.tokenizer) for p in PROMPTS] * (n // 2)
+    r = sample(trainer.policy, trainer.tokenizer, q, t, generator=torch.Generator().manual_seed(7))
+    ref = score_logprobs(trainer.rho, r.query_ids, r.query_lengths, r.response_ids, t.temperature)
+    return (r.logprobs - ref).sum(-1).mean().item()
+
+
+def config(**kw):
+    base = dict(batch_size=16, lr=1e-3, total_updates=100, kl_target=None, init_beta=0.0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_reward_for_one_token_moves_the_policy_in_the_right_direction(sign):
+    model, tok = peaky_tiny()
+    before = dot_freq(model, tok)
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [sign * s.count(".") for s in r], PROMPTS, config())
+    params0 = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    history = trainer.train(6, progress=False)
+    after = dot_freq(trainer.policy, tok)
+    assert all(math.isfinite(m["loss/policy_avg"]) and math.isfinite(m["loss/value_avg"]) for m in history)
+    assert any(not torch.equal(p, params0[n]) for n, p in trainer.policy.named_parameters())
+    if sign > 0:
+        assert after > before + 0.15, (before, after)
+        assert history[-1]["objective/scores"] > history[0]["objective/scores"]
+    else:
+        assert after < before / 2, (before, after)
+    # rho never moves
+    assert all(torch.equal(p, params0[n]) for n, p in trainer.rho.named_parameters())
+
+
+def test_huge_beta_with_zero_reward_keeps_the_policy_at_rho():
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS, config(init_beta=1e3))
+    trainer.train(4, progress=False)
+    assert abs(sequence_kl(trainer, 8)) < 1e-4
+
+
+def test_the_kl_penalty_pulls_a_perturbed_policy_back_toward_rho():
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(1), lambda q, r: [0.0] * len(r), PROMPTS, config(init_beta=1.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in trainer.policy.named_parameters():
+            if "layers.1.mlp" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    before = sequence_kl(trainer, 1, n=256)
+    trainer.train(6, progress=False)
+    after = sequence_kl(trainer, 1, n=256)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_metrics_use_trls_names_and_kl_is_summed_over_tokens():
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [1.0] * len(r), PROMPTS, config(init_beta=0.5))
+    trainer.step()  # pi == rho: kl is exactly 0 in the first update
+    m = trainer.step()
+    for k in TRL_METRICS:
+        assert k in m and math.isfinite(m[k]), k
+    assert m["objective/kl_coef"] == 0.5
+    assert abs(m["objective/non_score_reward"] + 0.5 * m["objective/kl"]) < 1e-5
+    assert abs(m["objective/rlhf_reward"] - (m["objective/scores"] + m["objective/non_score_reward"])) < 1e-5
+    assert m["objective/kl3"] >= 0
+
+
+def test_truncation_penalty_replaces_the_score():
+    model, tok = peaky_tiny()
+    t = SENTIMENT.with_(response_length=4)  # '.' at index >= 16 is impossible in 4 tokens: always penalised
+    trainer = PPOTrainer(model, tok, t, lambda q, r: [5.0] * len(r), PROMPTS, config())
+    m = trainer.step()
+    assert m["objective/scores"] == -1.0 and m["objective/truncated_frac"] == 0.0
+
+
+def test_adaptive_controller_moves_beta():
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS,
+                         config(init_beta=0.1, kl_target=0.01, kl_horizon=100))
+    trainer.train(3, progress=False)
+    assert trainer.kl_ctl.beta != 0.1
+
+
+def test_separate_value_model_from_the_reward_model():
+    model, tok = peaky_tiny()
+    rm = reward_model_from_lm(model, tok)
+    trainer = PPOTrainer(model, tok, task(), rm, PROMPTS, config(value_model="separate"))
+    v0 = {n: p.detach().clone() for n, p in trainer.value_model.named_parameters()}
+    m = trainer.step()
+    assert math.isfinite(m["loss/value_avg"]) and trainer.value_head is None
+    assert any(not torch.equal(p, v0[n]) for n, p in trainer.value_model.named_parameters())
+    assert not any(p is q for p in trainer.value_model.parameters() for q in rm.parameters())
+
+
+def test_lora_uses_the_policy_with_adapters_disabled_as_rho():
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS, config(lora_r=4, lr=3e-3))
+    assert trainer.rho is None  # no second copy of the weights
+    base = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora" not in n}
+    lora0 = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora" in n}
+    trainer.train(3, progress=False)
+    assert all(torch.equal(p, base[n]) for n, p in trainer.policy.named_parameters() if "lora" not in n)
+    assert any(not torch.equal(p, lora0[n]) for n, p in trainer.policy.named_parameters() if "lora" in n)
+    m = trainer.history[-1]
+    assert m["objective/kl"] != 0.0  # adapters on vs off differ after training
+
+
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    def make(run_dir):
+        model, tok = peaky_tiny()
+        return PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS,
+                          config(init_beta=0.2, kl_target=1.0, kl_horizon=100, total_updates=5), run_dir=run_dir, verbose=False)
+
+    straight = make(None)
+    straight.train(3, progress=False)
+
+    first = make(tmp_path / "run")
+    first.train(2, progress=False)  # checkpoints after every update
+    del first
+    resumed = make(tmp_path / "run")  # a new process would do exactly this
+    assert resumed.step_count == 2 and len(resumed.history) == 2
+    resumed.train(1, progress=False)
+    for (n, a), (_, b) in zip(straight.policy.named_parameters(), resumed.policy.named_parameters()):
+        assert torch.equal(a, b), n
+    assert straight.kl_ctl.beta == resumed.kl_ctl.beta
+    assert straight.history[-1]["objective/scores"] == resumed.history[-1]["objective/scores"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
+def test_an_interrupt_during_rollouts_leaves_the_trainer_consistent(monkeypatch):
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS, config())
+    trainer.step()
+    params = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    import labkit.ppo as ppo
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ppo, "sample", boom)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(3, progress=False)
+    assert trainer.step_count == 1 and len(trainer.history) == 1
+    assert all(torch.equal(p, params[n]) for n, p in trainer.policy.named_parameters())
+    monkeypatch.undo()
+    trainer.train(1, progress=False)  # rerunning the cell continues
+    assert trainer.step_count == 2
+
+
+def test_background_training_stops_cleanly_after_the_current_update():
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS, config())
+    thread = trainer.train_in_background(50)
+    while trainer.step_count < 1:
+        thread.join(0.05)
+    trainer.stop()
+    thread.join(30)
+    assert not thread.is_alive() and 1 <= trainer.step_count < 50
+    assert len(trainer.history) == trainer.step_count
+    roll = trainer.sample_policy(PROMPTS, n=2, seed=0)  # sampling between updates works from any thread
+    assert len(roll) == 4
+
+
+def test_gradient_accumulation_matches_one_minibatch():
+    def run(micro):
+        model, tok = peaky_tiny()
+        tr = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS,
+                        config(micro_batch_size=micro, ppo_epochs=1))
+        tr.step()
+        return [p.detach().clone() for p in tr.params]
+
+    for a, b in zip(run(None), run(4)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -142,7 +142,8 @@ def _as_prompt_texts(prompts) -> list[str]:
 class PPOTrainer:
     """Fine-tunes `policy` (pi) against `reward` with a KL penalty to a frozen copy of it (rho).
 
-    reward: a `RewardModel`, or any callable `(queries: list[str], responses: list[str]) -> scores`.
+    reward: a `RewardModel`, or any callable `(queries: list[str], responses: list[str]) -> scores`; or None
+    until one is set (the online loop fits its first reward model after the trainer exists).
     prompts: source texts (str or labkit.data.Prompt); queries are formatted by the task.
     run_dir: where checkpoints go; if it already holds one, the trainer resumes from it.
     """
@@ -222,12 +223,15 @@ class PPOTrainer:
                     return forward_responses(self.policy, roll.query_ids, roll.query_lengths, roll.response_ids, self.task.temperature).logprobs
             return forward_responses(self.rho, roll.query_ids, roll.query_lengths, roll.response_ids, self.task.temperature).logprobs
 
-    def _score(self, roll: Rollout) -> torch.Tensor:
+    def _score(self, roll: Rollout, reward) -> torch.Tensor:
         """Scores (B,) of truncated responses; the task's penalty where no truncation token was found."""
-        if isinstance(self.reward, RewardModel):
-            scores = self.reward.score_rollout(roll).float().to(self.device)
+        if reward is None:
+            raise RuntimeError("This trainer has no reward yet: set trainer.reward to a RewardModel or a function, "
+                               "or call OnlineLoop.refit() to fit one on the labels so far.")
+        if isinstance(reward, RewardModel):
+            scores = reward.score_rollout(roll).float().to(self.device)
         else:
-            scores = torch.as_tensor(self.reward(roll.query_texts, roll.response_texts), dtype=torch.float32, device=self.device)
+            scores = torch.as_tensor(reward(roll.query_texts, roll.response_texts), dtype=torch.float32, device=self.device)
             if scores.shape != (len(roll),):
                 raise ValueError(f"The reward function returned shape {tuple(scores.shape)}; expected one score per response ({len(roll)},).")
         return torch.where(roll.found, scores, torch.full_like(scores, self.task.penalty))
@@ -253,10 +257,11 @@ class PPOTrainer:
         with self._lock:
             roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
                           generator=self.generator, batch_size=cfg.generation_batch_size)
+            reward = self.reward  # read under the lock: an online refit swaps it between updates, never within
         t_gen = time.time()
 
         # 2. score the truncated responses
-        scores = self._score(roll)  # (B,)
+        scores = self._score(roll, reward)  # (B,)
 
         # 3. rho's log-probs and the old log-probs / values of pi
         ref_logprobs = self._rho_logprobs(roll)  # (B, R)

@@ -1,0 +1,306 @@
+"""The paper's online procedure: label samples of the current policy while it trains, refit r, repeat.
+
+Ziegler et al. (2019), "online" data collection:
+  1. before the first PPO step, train r on the labels collected so far (comparisons sampled from rho);
+  2. keep sampling 4-way comparisons from the CURRENT policy pi and have them labeled;
+  3. retrain r from scratch (a fresh head on rho, all labels so far) at evenly spaced label counts
+     (the paper: 19 more times over the label budget), and swap it into PPO;
+  4. a constant stream of validation comparisons (y0, y1 ~ rho; y2, y3 ~ pi) measures how often pi
+     beats rho, and also feeds r's training set.
+
+Two ways to run it from a notebook:
+
+    loop = OnlineLoop(trainer, store, rho, tokenizer, prompts, OnlineConfig(refit_every_labels=100))
+    loop.round()              # cell by cell: refit if due, a few PPO updates, new comparisons to label
+
+    thread = loop.start(500, dashboard=dash, labeler="alice")   # returns at once
+    stop_button(loop)         # label in the widget meanwhile; the thread refits when enough labels arrived
+
+Thread safety: the policy's weights are only read (sampled) under `trainer._lock`, which PPO holds while it
+changes them, and a refitted reward model is swapped in under the same lock. The label store is
+thread-safe by itself.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from labkit.data import Prompt
+from labkit.evaluate import win_rate_from_store
+from labkit.labels import LabelStore
+from labkit.ppo import PPOTrainer
+from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
+from labkit.sampling import Rollout, sample
+from labkit.tasks import format_query
+
+K = 4
+"""Responses per comparison (the paper's 4-way comparisons). Validation comparisons take K/2 from each model."""
+TRAINING_KINDS = ("train", "validation")
+"""Comparison kinds r is trained on. Others (e.g. "eval", held out for a final human evaluation) are not."""
+
+
+@dataclass
+class OnlineConfig:
+    """Settings of the online loop (sizes per labeling round; r's own settings in `reward_config`)."""
+
+    comparisons_per_round: int = 20
+    """New 4-way comparisons (kind "train") sampled from the current policy per labeling round."""
+    validation_per_round: int = 4
+    """Validation comparisons per round (kind "validation"): y0, y1 ~ rho and y2, y3 ~ pi, stored in that
+    order (the labeling widget shuffles the display). They measure pi against rho and also train r."""
+    refit_every_labels: int = 50
+    """Refit r (fresh head on rho, all labels so far) once this many new labels arrived since the last fit.
+    The paper refits 19 times at evenly spaced label counts: use about label_budget / 20."""
+    ppo_updates_per_round: int = 2
+    """PPO updates per `round()` (cell-by-cell mode)."""
+    reward_config: RewardConfig = field(default_factory=RewardConfig)
+    """How each refit trains r; its `normalize_samples` and `seed` also set r's normalisation on rho."""
+    seed: int = 0
+    """Seeds which prompts new comparisons use and the sampling of their responses."""
+
+    def __post_init__(self):
+        if self.refit_every_labels < 1:
+            raise ValueError(f"refit_every_labels must be >= 1, got {self.refit_every_labels}")
+
+
+def _text(prompt: Prompt | str) -> str:
+    return prompt.text if isinstance(prompt, Prompt) else prompt
+
+
+def _rows(roll: Rollout, tokenizer) -> list[dict]:
+    """Per sampled row: the query and the response as labkit.comparisons stores them (truncated + full)."""
+    full = tokenizer.batch_decode(roll.response_ids.tolist(), skip_special_tokens=True)
+    kept = [ids[:n] for ids, n in zip(roll.truncated_ids.tolist(), roll.truncated_lengths.tolist())]
+    query_ids = [ids[len(ids) - n:] for ids, n in zip(roll.query_ids.tolist(), roll.query_lengths.tolist())]
+    return [dict(query=roll.query_texts[b], query_tokens=query_ids[b], response=roll.response_texts[b],
+                 tokens=kept[b], full=full[b], found=bool(roll.found[b])) for b in range(len(roll))]
+
+
+def _item(task_name: str, prompt: Prompt | str, rows: list[dict], sources: list[str], kind: str) -> dict:
+    """One comparison for LabelStore.add_comparisons, in make_comparisons' format."""
+    return dict(
+        task=task_name, kind=kind, query=rows[0]["query"], query_tokens=rows[0]["query_tokens"],
+        responses=[r["response"] for r in rows], response_tokens=[r["tokens"] for r in rows], sources=sources,
+        reference=prompt.reference if isinstance(prompt, Prompt) else None,
+        extra={"full_responses": [r["full"] for r in rows], "found": [r["found"] for r in rows]},
+    )
+
+
+class OnlineLoop:
+    """Alternates PPO on `trainer` with labeling of fresh policy samples and refits of the reward model.
+
+    rho_lm: the frozen base LM (e.g. `trainer.rho`, or a second `load_lm` with LoRA). Every refit starts
+    from a copy of it with a fresh head, and it samples the rho half of validation comparisons and r's
+    normalisation batch. It must not share weights with the policy being trained.
+    prompts: source texts (str or labkit.data.Prompt) that new comparisons are drawn from.
+    """
+
+    def __init__(self, trainer: PPOTrainer, store: LabelStore, rho_lm, tokenizer, prompts,
+                 config: OnlineConfig | None = None):
+        trained = {id(p) for p in trainer.params}
+        if any(id(p) in trained for p in rho_lm.parameters()):
+            raise ValueError("rho_lm shares weights with the policy being trained; pass trainer.rho, or load "
+                             "the base model again (with LoRA, trainer.rho is None).")
+        if not prompts:
+            raise ValueError("OnlineLoop needs at least one prompt to sample comparisons from.")
+        self.trainer = trainer
+        self.store = store
+        self.rho_lm = rho_lm
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)
+        self.config = config or OnlineConfig()
+        self.task = trainer.task
+        self.fits: list[dict] = []  # the final metrics of every refit, oldest first
+        self.labels_at_fit = 0  # training examples the current reward model was fitted on
+        self.error: BaseException | None = None  # what ended the background thread, if it failed
+        self.thread: threading.Thread | None = None
+        self._rng = random.Random(self.config.seed)
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------------------------------
+    # comparisons to label
+
+    def _sample_pi(self, queries: list[list[int]], seed: int) -> tuple[Rollout, int]:
+        """Sample the current policy; also return the update count those weights are at."""
+        trainer = self.trainer
+        gen = torch.Generator(device=trainer.device).manual_seed(seed)
+        with trainer._lock:  # never mid-update; step_count read under the same lock matches the weights
+            roll = sample(trainer.policy, self.tokenizer, queries, self.task, generator=gen,
+                          batch_size=trainer.config.generation_batch_size)
+            return roll, trainer.step_count
+
+    def _sample_rho(self, queries: list[list[int]], seed: int) -> Rollout:
+        gen = torch.Generator(device=next(self.rho_lm.parameters()).device).manual_seed(seed)
+        return sample(self.rho_lm, self.tokenizer, queries, self.task, generator=gen,
+                      batch_size=self.trainer.config.generation_batch_size)
+
+    def new_comparisons(self, n: int | None = None) -> list[int]:
+        """Store `n` (default comparisons_per_round) 4-way comparisons sampled from the current policy
+        (kind "train", sources "policy@<update>") and validation_per_round validation comparisons
+        (sources rho, rho, policy, policy). Returns the new ids: train ones first."""
+        cfg = self.config
+        n = cfg.comparisons_per_round if n is None else n
+        train = self._rng.choices(self.prompts, k=n)
+        val = self._rng.choices(self.prompts, k=cfg.validation_per_round)
+        half = K // 2
+        if not train and not val:
+            return []
+
+        def queries(prompts, per_prompt):
+            return [format_query(self.task, _text(p), self.tokenizer) for p in prompts for _ in range(per_prompt)]
+
+        # 1. pi: K responses per train prompt, then `half` per validation prompt, in one locked pass
+        roll, step = self._sample_pi(queries(train, K) + queries(val, half), seed=self._rng.randrange(2**31))
+        pi_rows = _rows(roll, self.tokenizer)
+        # 2. rho: the other half of each validation comparison (rho is frozen: no lock needed)
+        rho_rows = []
+        if val:
+            rho_rows = _rows(self._sample_rho(queries(val, half), seed=self._rng.randrange(2**31)), self.tokenizer)
+
+        # 3. store all of them in one transaction
+        policy = f"policy@{step}"
+        items = [_item(self.task.name, p, pi_rows[i * K:(i + 1) * K], [policy] * K, "train")
+                 for i, p in enumerate(train)]
+        val_pi = pi_rows[len(train) * K:]
+        items += [_item(self.task.name, p, rho_rows[i * half:(i + 1) * half] + val_pi[i * half:(i + 1) * half],
+                        ["rho"] * half + [policy] * half, "validation")
+                  for i, p in enumerate(val)]
+        return self.store.add_comparisons(items)
+
+    def pending(self, labeler: str) -> int:
+        """Comparisons of the training kinds that `labeler` has not labeled or skipped yet."""
+        return sum(len(self.store.pending(labeler, task=self.task.name, kind=kind)) for kind in TRAINING_KINDS)
+
+    # ------------------------------------------------------------------------------------------
+    # the reward model
+
+    def _examples(self):
+        return [ex for kind in TRAINING_KINDS for ex in examples_from_store(self.store, self.task.name, kind)]
+
+    def labels_since_fit(self) -> int:
+        """Training examples (one per comparison and labeler) added since the last refit."""
+        return len(self._examples()) - self.labels_at_fit
+
+    def refit(self, dashboard=None) -> dict:
+        """Train a new r from scratch on all labels so far and swap it into the trainer; returns its final
+        metrics. The old r keeps scoring PPO until the swap, so this may run while PPO trains."""
+        cfg = self.config.reward_config
+        examples = self._examples()
+        texts = [_text(p) for p in self.prompts]
+        # 1. a fresh head on a copy of rho, normalised on rho's samples so that beta keeps its meaning
+        rm = reward_model_from_lm(self.rho_lm, self.tokenizer)
+        rm.normalize(self.rho_lm, self.task, texts, n_samples=cfg.normalize_samples, seed=cfg.seed)
+        # 2. fit on every label so far, then normalise again
+        run = RewardTrainer(rm, cfg).fit(examples, dashboard=dashboard, progress=False)
+        rm.normalize(self.rho_lm, self.task, texts, n_samples=cfg.normalize_samples, seed=cfg.seed)
+        rm.requires_grad_(False).eval()
+        # 3. swap: an update holds this lock from its rollout to its end
+        with self.trainer._lock:
+            self.trainer.reward = rm
+        self.labels_at_fit = len(examples)
+        metrics = {**run[-1], "online/refits": len(self.fits) + 1, "online/labels": len(examples),
+                   "online/step": self.trainer.step_count}
+        self.fits.append(metrics)
+        return metrics
+
+    def maybe_refit(self, dashboard=None) -> dict | None:
+        """`refit()` if at least refit_every_labels new labels arrived since the last fit, else None."""
+        if self.labels_since_fit() >= self.config.refit_every_labels:
+            return self.refit(dashboard)
+        return None
+
+    # ------------------------------------------------------------------------------------------
+    # cell by cell
+
+    def _require_idle(self):
+        if self.thread is not None and self.thread.is_alive():
+            raise RuntimeError("The online loop is running in the background; call loop.stop() and wait for "
+                               "loop.thread to end first.")
+
+    def round(self, dashboard=None, reward_dashboard=None) -> dict:
+        """One labeling round from a cell: refit r if due, ppo_updates_per_round PPO updates, then new
+        comparisons from the updated policy. Label those (widget or mock labeler) before the next round."""
+        self._require_idle()
+        fit = self.maybe_refit(reward_dashboard)
+        updates = self.trainer.train(self.config.ppo_updates_per_round, dashboard=dashboard, progress=False)
+        ids = self.new_comparisons()
+        return {"step": self.trainer.step_count, "refit": fit, "updates": updates, "new_comparisons": ids}
+
+    # ------------------------------------------------------------------------------------------
+    # concurrently, while someone labels
+
+    def start(self, n_updates: int, dashboard=None, on_update=None, labeler: str = "me",
+              reward_dashboard=None) -> threading.Thread:
+        """Run up to `n_updates` PPO updates in a background thread and return at once.
+
+        Before each update the thread refits r if due and, when `labeler` (the name used in the labeling
+        widget) has fewer than comparisons_per_round comparisons left, samples a new round from the current
+        policy. on_update(metrics) is called after each update. An exception ends the thread and is kept
+        in `self.error`.
+        """
+        self._require_idle()
+        self._stop.clear()
+        self.error = None
+        args = (n_updates, dashboard, on_update, labeler, reward_dashboard)
+        self.thread = threading.Thread(target=self._run, args=args, daemon=True, name="labkit-online")
+        self.thread.start()
+        return self.thread
+
+    def _run(self, n_updates, dashboard, on_update, labeler, reward_dashboard):
+        try:
+            for _ in range(n_updates):
+                if self._stop.is_set():
+                    break
+                self.maybe_refit(reward_dashboard)
+                if self.pending(labeler) < self.config.comparisons_per_round:
+                    self.new_comparisons()
+                if self._stop.is_set():
+                    break
+                metrics = self.trainer.step()
+                if dashboard is not None:
+                    dashboard.log(metrics, self.trainer.samples)
+                if on_update is not None:
+                    on_update(metrics)
+        except Exception as e:
+            self.error = e
+            raise  # threading's excepthook prints the traceback
+        finally:
+            if dashboard is not None:
+                dashboard.flush()
+
+    def stop(self) -> None:
+        """Ask the background thread (or a `trainer.train`) to end after the current update."""
+        self._stop.set()
+        self.trainer.stop()
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    def policy_win_rate(self, labeler: str | None = None) -> dict:
+        """How often labelers preferred pi's responses to rho's in the labeled validation comparisons:
+        {"rate", "low", "high", "n", "chance" (0.5: 2 of 4 responses are pi's)}; one labeler's if given."""
+        result = win_rate_from_store(self.store, self.task.name, policy_source_prefix="policy", kind="validation")
+        if labeler is None:
+            return result
+        if labeler not in result["by_labeler"]:
+            raise ValueError(f"{labeler!r} labeled no validation comparisons; labelers: {sorted(result['by_labeler'])}")
+        return {**result["by_labeler"][labeler], "chance": result["chance"]}
+
+
+def stop_button(loop: OnlineLoop):
+    """A "Stop training" button for a loop started with `loop.start(...)`: the update in progress finishes."""
+    import ipywidgets as widgets
+
+    button = widgets.Button(description="Stop training", icon="stop", tooltip="Stop after the current update")
+    button.add_class("labkit-stop")
+
+    def on_click(_):
+        loop.stop()
+        button.disabled = True
+
+    button.on_click(on_click)
+    return button

@@ -1,0 +1,440 @@
+"""The labeling widget: a human picks the best of k responses, one comparison at a time, into a LabelStore.
+
+    labeler = ComparisonLabeler(store, SENTIMENT, labeler="alice",
+                                refill=lambda: make_comparisons(store, model, tok, SENTIMENT, prompts[:8]))
+    labeler                   # show it; click a response's button, or click the key area and press 1-4
+
+A thin view over the store: the queue is `store.pending(labeler, task, kind)`, every click is one
+`record_label` (which returns only after the label is committed to disk) and only then does the view move
+on. Nothing is kept only in memory: restart the kernel and the queue resumes where it was.
+
+The responses are shown in a random order per comparison (seeded) so that position bias does not favour
+one source; the order is stored with the label (`permutation[j]` = stored index shown at position j), and
+a click on position j stores `best = permutation[j]`.
+"""
+
+from __future__ import annotations
+
+import html
+import random
+import string
+import threading
+import time
+
+import anywidget
+import ipywidgets as widgets
+import traitlets
+
+from labkit.labels import Comparison, LabelStore
+from labkit.tasks import Task, get_task
+
+LETTERS = string.ascii_uppercase
+# Key -> display position. Digits 1-9 and letters a-i: enough for any k the paper uses (4), and 's'/'u'
+# (skip, undo) stay free.
+POSITION_KEYS = {**{str(j + 1): j for j in range(9)}, **{chr(ord("a") + j): j for j in range(9)}}
+SKIP_KEY, UNDO_KEY = "s", "u"
+
+PROMPT_MAX_HEIGHT = "14em"  # longer prompts scroll; they open scrolled to the end, which the responses continue
+
+_KEYS_ESM = """
+function render({ model, el }) {
+  const box = document.createElement("div");
+  box.className = "labkit-keys-area";
+  // Focusable, and excluded from JupyterLab's shortcuts: without this, 'a'/'b' in command mode insert cells.
+  box.tabIndex = 0;
+  box.setAttribute("data-lm-suppress-shortcuts", "true");
+  const hint = () => { box.textContent = model.get("hint"); };
+  hint();
+  model.on("change:hint", hint);
+  box.addEventListener("keydown", (e) => {
+    // Leave browser shortcuts (Ctrl/Cmd+...), Tab (moving focus away) and Escape alone.
+    if (e.ctrlKey || e.metaKey || e.altKey || e.key === "Tab" || e.key === "Escape") return;
+    e.stopPropagation();
+    e.preventDefault();
+    // A held-down key auto-repeats; one press must make at most one label.
+    if (e.repeat || e.key.length !== 1) return;
+    model.set("key", e.key.toLowerCase());
+    // The counter makes pressing the same key twice a change Python sees.
+    model.set("presses", model.get("presses") + 1);
+    model.save_changes();
+  });
+  el.appendChild(box);
+}
+export default { render };
+"""
+
+_KEYS_CSS = """
+.labkit-keys-area { padding: 6px 10px; border: 1px dashed #999; border-radius: 4px; color: #555;
+                    cursor: pointer; user-select: none; }
+.labkit-keys-area:focus { outline: 2px solid #1976d2; border-color: transparent; color: #1976d2;
+                          background: #e3f2fd; }
+"""
+
+
+class KeyCapture(anywidget.AnyWidget):
+    """A focusable area that forwards single key presses to Python as (`key`, `presses`).
+
+    Core ipywidgets have no key events. Only presses made while this area has focus arrive, so typing in
+    any other widget (e.g. the note box) never reaches it.
+    """
+
+    _esm = _KEYS_ESM
+    _css = _KEYS_CSS
+    hint = traitlets.Unicode("").tag(sync=True)
+    key = traitlets.Unicode("").tag(sync=True)
+    presses = traitlets.Int(0).tag(sync=True)
+
+
+class ComparisonLabeler:
+    """Label the comparisons of one task (and kind) that `labeler` has not labeled or skipped yet.
+
+    refill: called with no arguments, in a background thread (one at a time), when fewer than `low_water`
+    comparisons are left; it should add comparisons to the store (e.g. a lambda around make_comparisons).
+    seed: seeds the order in which each comparison's responses are shown.
+    """
+
+    def __init__(self, store: LabelStore, task: Task | str, labeler: str = "me", kind: str | None = None,
+                 refill=None, low_water: int = 5, seed: int | None = None):
+        if not isinstance(labeler, str) or not labeler.strip():
+            raise ValueError(f"labeler must be a non-empty name such as 'alice', got {labeler!r}")
+        if refill is not None and not callable(refill):
+            raise TypeError(f"refill must be a function taking no arguments (or None), got {type(refill).__name__}")
+        self.store = store
+        self.task = get_task(task)
+        self.labeler = labeler.strip()
+        self.kind = kind
+        self.refill = refill
+        self.low_water = low_water
+        self.current: Comparison | None = None
+        self.permutation: list[int] = []
+
+        self._rng = random.Random(seed)
+        self._shown_at: float | None = None
+        self._next: Comparison | None = None  # preloaded: the comparison after `current`
+        self._orders: dict[int, list[int]] = {}  # comparison id -> the order shown, so an undo shows it the same way
+        self._queued = 0
+        self._session_labels = 0
+        self._session_start: float | None = None
+        self._refill_thread: threading.Thread | None = None
+        self._refilling = False
+        # Clicks run on the kernel's main thread, a finished refill on its own thread: one lock for the view.
+        self._lock = threading.RLock()
+
+        self._build()
+        with self._lock:
+            self._refresh(keep_current=False)
+
+    # ---- the view ----
+
+    def _build(self):
+        header = widgets.HTML(
+            f"<div style='font-weight:bold;font-size:1.1em'>{html.escape(self.task.title)}</div>"
+            f"<div style='margin:2px 0 6px;line-height:1.4'>{html.escape(self.task.instructions)}</div>"
+        )
+        header.add_class("labkit-instructions")
+        self._meta = widgets.HTML()
+        self._prompt = widgets.HTML()
+        self._prompt.add_class("labkit-prompt")
+        self._rows: list[widgets.HBox] = []  # one per display position, grown as needed for larger k
+        self._button_pool: list[widgets.Button] = []
+        self._response_pool: list[widgets.HTML] = []
+        self.buttons: list[widgets.Button] = []
+        self._responses = widgets.VBox()
+
+        self.skip_button = widgets.Button(description="Skip", tooltip="none is better (key s)", icon="forward")
+        self.skip_button.add_class("labkit-skip")
+        self.skip_button.on_click(lambda _: self.skip())
+        self.undo_button = widgets.Button(description="Undo", tooltip="retract your last label or skip (key u)",
+                                          icon="undo")
+        self.undo_button.add_class("labkit-undo")
+        self.undo_button.on_click(lambda _: self.undo())
+        self.note = widgets.Textarea(placeholder="optional note, stored with your next label or skip",
+                                     layout=widgets.Layout(width="100%", height="3.2em"))
+        self.note.add_class("labkit-note")
+
+        self.keys = KeyCapture()
+        self.keys.add_class("labkit-keys")
+        self.keys.observe(self._on_key, names="presses")
+
+        self.labeler_name = widgets.Text(value=self.labeler, description="labeler",
+                                         continuous_update=False,  # apply the name on Enter or blur, not per keystroke
+                                         layout=widgets.Layout(width="16em"))
+        self.labeler_name.add_class("labkit-labeler-name")
+        self.labeler_name.observe(self._on_labeler_name, names="value")
+        self._progress = widgets.HTML()
+        self._progress.add_class("labkit-progress")
+        self._status = widgets.HTML()
+        self._status.add_class("labkit-status")
+
+        self._empty = widgets.HTML()
+        self._empty.add_class("labkit-empty")
+        self.refill_button = widgets.Button(
+            description="Refill" if self.refill is not None else "Check again",
+            tooltip="sample new comparisons" if self.refill is not None else "look for new comparisons in the store",
+        )
+        self.refill_button.add_class("labkit-refill")
+        self.refill_button.on_click(lambda _: self._on_refill_button())
+
+        self._comparison_box = widgets.VBox([
+            self._meta, self._prompt, self._responses,
+            widgets.HBox([self.skip_button, self.undo_button]), self.note, self.keys,
+        ])
+        self._empty_box = widgets.VBox([self._empty, self.refill_button])
+        self.widget = widgets.VBox([
+            header, self._comparison_box, self._empty_box, self._status,
+            widgets.HBox([self.labeler_name, self._progress]),
+        ])
+        self.widget.add_class("labkit-labeler")
+
+    def _repr_mimebundle_(self, **kwargs):
+        # Lets a cell that ends in `labeler` show the widget.
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _ensure_rows(self, k: int):
+        """Show k response rows (button + text), creating rows the first time a larger k appears."""
+        while len(self._rows) < k:
+            j = len(self._rows)
+            button = widgets.Button(description=LETTERS[j], tooltip=f"{LETTERS[j]} is best (key {j + 1})",
+                                    layout=widgets.Layout(width="3.5em", flex="0 0 auto"))
+            button.add_class(f"labkit-choice-{j}")
+            button.on_click(lambda _, j=j: self.choose(j))
+            text = widgets.HTML(layout=widgets.Layout(flex="1 1 auto"))
+            text.add_class(f"labkit-response-{j}")
+            self._button_pool.append(button)
+            self._response_pool.append(text)
+            self._rows.append(widgets.HBox([button, text], layout=widgets.Layout(align_items="flex-start")))
+        if len(self._responses.children) != k:  # resend children only when k changes
+            self._responses.children = self._rows[:k]
+        self.buttons = self._button_pool[:k]
+
+    def _show(self, c: Comparison):
+        """Render comparison `c` in a (new or remembered) random order and start its clock."""
+        if c.id not in self._orders:
+            order = list(range(c.k))
+            self._rng.shuffle(order)
+            self._orders[c.id] = order
+        self.current, self.permutation = c, self._orders[c.id]
+        self._ensure_rows(c.k)
+        self._meta.value = (f"<span style='color:#777;font-size:0.9em'>comparison #{c.id} · task "
+                            f"{html.escape(c.task)} · kind {html.escape(c.kind)}</span>")
+        self._prompt.value = prompt_html(c.query)
+        full = c.extra.get("full_responses")
+        found = c.extra.get("found")
+        for j, i in enumerate(self.permutation):
+            self._response_pool[j].value = response_html(
+                c.responses[i], None if full is None else full[i], None if found is None else found[i])
+        letters = f"a-{chr(ord('a') + min(c.k, 9) - 1)}"
+        self.keys.hint = f"click here, then press 1-{min(c.k, 9)} / {letters}, s = skip, u = undo"
+        self._comparison_box.layout.display = None
+        self._empty_box.layout.display = "none"
+        self._shown_at = time.time()
+        if self._session_start is None:
+            self._session_start = self._shown_at
+
+    def _show_empty(self):
+        self.current, self.permutation, self._shown_at = None, [], None
+        kind = "" if self.kind is None else f", kind {self.kind!r}"
+        if self._refilling:
+            what_next = "new comparisons are being sampled and appear here when ready"
+        elif self.refill is not None:
+            what_next = "press Refill to sample more"
+        else:
+            what_next = "add comparisons to the store (labkit.comparisons.make_comparisons), then press Check again"
+        self._empty.value = (
+            f"<div style='padding:8px;background:#fff8e1;border:1px solid #ffb300;border-radius:4px'>"
+            f"<b>Queue empty: refill.</b> {html.escape(self.labeler)} has labeled or skipped every comparison "
+            f"of task {html.escape(self.task.name)!r}{html.escape(kind)}; {html.escape(what_next)}.</div>"
+        )
+        self._comparison_box.layout.display = "none"
+        self._empty_box.layout.display = None
+
+    def _render_progress(self):
+        rate = "–"
+        if self._session_labels and self._session_start is not None:
+            minutes = max(time.time() - self._session_start, 1e-9) / 60
+            rate = f"{self._session_labels / minutes:.1f}"
+        refilling = " · refilling…" if self._refilling else ""
+        self._progress.value = (f"<span style='margin-left:1em'>labeled {self._session_labels} · queued "
+                                f"{self._queued} · {rate} labels/min{refilling}</span>")
+
+    def _say(self, text: str, error: bool = False):
+        color = "#c62828" if error else "#555"
+        self._status.value = f"<span style='color:{color}'>{html.escape(text)}</span>" if text else ""
+
+    # ---- the queue ----
+
+    def _refresh(self, keep_current: bool, may_refill: bool = True):
+        """Re-read the queue; show its head unless the current comparison is kept; preload the next one."""
+        pending = self.store.pending(self.labeler, task=self.task.name, kind=self.kind)
+        self._queued = len(pending)
+        if may_refill and self.refill is not None and self._queued < self.low_water:
+            self._start_refill()
+        if not (keep_current and self.current is not None and self.current.id in pending):
+            if pending:
+                head = pending[0]
+                cached = self._next is not None and self._next.id == head
+                self._show(self._next if cached else self.store.comparison(head))
+            else:
+                self._show_empty()
+        self._render_progress()
+        # Preload after rendering: the next click then only does a quick queue read and renders.
+        after = [i for i in pending[:2] if self.current is None or i != self.current.id]
+        if not after:
+            self._next = None
+        elif self._next is None or self._next.id != after[0]:
+            self._next = self.store.comparison(after[0])
+
+    def _start_refill(self):
+        # Sampling takes seconds to minutes: never on the click path, and at most one at a time.
+        if self._refilling:
+            return
+        self._refilling = True
+        self._refill_thread = threading.Thread(target=self._run_refill, name="labkit-refill", daemon=True)
+        self._refill_thread.start()
+
+    def _run_refill(self):
+        try:
+            self.refill()
+            error = None
+        except Exception as e:  # noqa: BLE001 - shown to the labeler; the thread must not die silently
+            error = e
+        with self._lock:
+            self._refilling = False
+            if error is not None:
+                self._say(f"refill failed: {type(error).__name__}: {error}", error=True)
+            # Updates the count (and shows a comparison if the queue was empty). A refill that added too
+            # little does not start another one by itself: the next click or the Refill button does.
+            self._refresh(keep_current=True, may_refill=False)
+
+    def _on_refill_button(self):
+        with self._lock:
+            self._say("")
+            if self.refill is not None:
+                self._start_refill()
+            self._refresh(keep_current=True, may_refill=False)
+
+    # ---- actions ----
+
+    def choose(self, position: int):
+        """Store that the response at display `position` (0 = A) is the best; same as clicking its button."""
+        with self._lock:
+            c = self._require_current("choose")
+            if not 0 <= position < c.k:
+                raise ValueError(f"position must be 0..{c.k - 1} (A..{LETTERS[c.k - 1]}) for comparison #{c.id}, "
+                                 f"got {position}")
+            self._act(lambda note: self.store.record_label(
+                c.id, self.permutation[position], self.labeler, permutation=self.permutation,
+                shown_at=self._shown_at, note=note))
+            self._session_labels += 1
+            self._say(f"saved: {LETTERS[position]} is best in #{c.id}")
+            self._refresh(keep_current=False)
+
+    def skip(self):
+        """Store that the labeler declined to pick (e.g. all responses equally bad); same as the Skip button."""
+        with self._lock:
+            c = self._require_current("skip")
+            self._act(lambda note: self.store.record_skip(
+                c.id, self.labeler, permutation=self.permutation, shown_at=self._shown_at, note=note))
+            self._say(f"skipped #{c.id}")
+            self._refresh(keep_current=False)
+
+    def undo(self):
+        """Retract the labeler's most recent label or skip and show that comparison again."""
+        with self._lock:
+            try:
+                undone = self.store.undo(self.labeler)
+            except Exception as e:
+                self._say(f"undo failed, nothing changed: {type(e).__name__}: {e}", error=True)
+                raise
+            if undone is None:
+                self._say(f"nothing to undo: {self.labeler} has no label or skip left")
+                return
+            c = self.store.comparison(undone["comparison_id"])
+            if c.task != self.task.name or (self.kind is not None and c.kind != self.kind):
+                # The labeler's last action was made elsewhere (another task or kind): it is retracted,
+                # but this view keeps its own queue.
+                self._say(f"undid your {undone['type']} of comparison #{c.id} (task {c.task!r}, kind {c.kind!r}), "
+                          "which is not in this queue")
+                self._refresh(keep_current=True)
+                return
+            if undone["type"] == "label" and self._session_labels:
+                self._session_labels -= 1
+            self._say(f"undid your {undone['type']} of #{c.id}: choose again")
+            self._show(c)
+            self._refresh(keep_current=True)
+
+    def _require_current(self, action: str) -> Comparison:
+        if self.current is None:
+            self._say(f"cannot {action}: the queue is empty", error=True)
+            raise RuntimeError(f"cannot {action}: no comparison is shown (the queue of {self.labeler!r} for task "
+                               f"{self.task.name!r} is empty); add comparisons or call refill")
+        return self.current
+
+    def _act(self, write):
+        """Run one store write with the note; the view advances only after it returned (= committed)."""
+        try:
+            write(self.note.value.strip() or None)
+        except Exception as e:
+            # Shown in the widget: an exception in a button callback only reaches JupyterLab's log console.
+            self._say(f"NOT saved: {type(e).__name__}: {e}", error=True)
+            raise
+        self.note.value = ""
+
+    # ---- inputs ----
+
+    def _on_key(self, _change):
+        key = self.keys.key
+        if key == SKIP_KEY:
+            if self.current is None:
+                self._say("the queue is empty: nothing to skip")
+            else:
+                self.skip()
+        elif key == UNDO_KEY:
+            self.undo()
+        elif key in POSITION_KEYS:
+            position = POSITION_KEYS[key]
+            if self.current is None:
+                self._say("the queue is empty: nothing to choose")
+            elif position >= self.current.k:
+                self._say(f"key {key!r} means response {LETTERS[position]}, but this comparison has only "
+                          f"{self.current.k} responses", error=True)
+            else:
+                self.choose(position)
+
+    def _on_labeler_name(self, change):
+        name = change["new"].strip()
+        if not name:
+            self._say("the labeler name cannot be empty; keeping " + repr(self.labeler), error=True)
+            self.labeler_name.value = self.labeler
+            return
+        with self._lock:
+            if name == self.labeler:
+                return
+            # A new person: their own queue, and the session counters start again.
+            self.labeler, self._session_labels, self._session_start = name, 0, None
+            self._say(f"labeling as {name}")
+            self._refresh(keep_current=True)
+
+
+def prompt_html(query: str) -> str:
+    """The query, escaped, newlines kept; a long one scrolls and opens scrolled to its end."""
+    # column-reverse makes the browser start a scrollable box at its bottom, where the responses continue.
+    return (f"<div style='max-height:{PROMPT_MAX_HEIGHT};overflow-y:auto;display:flex;flex-direction:column-reverse;"
+            "border-left:3px solid #90a4ae;padding:4px 8px;background:#f5f7f8;margin:4px 0'>"
+            f"<div style='white-space:pre-wrap;line-height:1.4'>{html.escape(query)}</div></div>")
+
+
+def response_html(kept: str, full: str | None, found: bool | None) -> str:
+    """One response: the kept (truncated) text, then what truncation cut away in grey, struck through."""
+    parts = [f"<span>{html.escape(kept)}</span>"]
+    if full is not None and full != kept:
+        # Decoding the kept tokens alone can differ from the full text's prefix at a token boundary;
+        # then show the whole untruncated text instead of a wrong remainder.
+        cut = full[len(kept):] if full.startswith(kept) else full
+        label = "[cut]" if full.startswith(kept) else "[cut; untruncated text:]"
+        parts.append(f" <span style='color:#999;font-size:0.85em'>{label}</span>"
+                     f"<span style='color:#999;text-decoration:line-through'>{html.escape(cut)}</span>")
+    if found is False:
+        parts.append("<div style='color:#e65100;font-size:0.85em'>(no truncation point: scored as penalty)</div>")
+    return ("<div style='white-space:pre-wrap;line-height:1.4;padding:4px 8px;border:1px solid #ddd;border-radius:4px;"
+            f"margin:2px 0 4px 6px'>{''.join(parts)}</div>")

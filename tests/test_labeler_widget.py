@@ -1,0 +1,247 @@
+"""ComparisonLabeler over a real LabelStore: clicks, keys, skip, undo, notes, labeler names, refill; and
+make_comparisons with the tiny model. The browser test (test_browser_labeler.py) checks rendering and keys."""
+
+import threading
+
+import pytest
+import torch
+
+from labkit.comparisons import make_comparisons
+from labkit.data import Prompt
+from labkit.labels import LabelStore
+from labkit.tasks import SENTIMENT, TruncationRule
+from labkit.widgets import ComparisonLabeler
+
+TASK = SENTIMENT.name
+
+
+def add_fixed(store, n, k=4, start=0):
+    """n comparisons with recognisable texts: query i, responses 'i:j' (stored index j)."""
+    return [
+        store.add_comparison(
+            TASK, f"query {i}", [f"{i}:{j}" for j in range(k)],
+            extra={"full_responses": [f"{i}:{j} and the rest" for j in range(k)], "found": [True] * k},
+        )
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with LabelStore(tmp_path / "labels.db") as s:
+        yield s
+
+
+def press(labeler, key):
+    """What the browser does on a key press in the key area: set the key and bump the counter."""
+    labeler.keys.key = key
+    labeler.keys.presses += 1
+
+
+def test_click_stores_best_as_the_stored_index_of_the_display_position(store):
+    ids = add_fixed(store, 3)
+    lab = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=1)
+    first, perm = lab.current, list(lab.permutation)
+    assert first.id == ids[0] and sorted(perm) == [0, 1, 2, 3]
+    # The rendered order is the permutation: display position j shows stored response perm[j].
+    assert [f"{first.id - ids[0]}:{perm[j]}" in lab._response_pool[j].value for j in range(4)] == [True] * 4
+    lab.buttons[0].click()
+    (label,) = store.labels()
+    assert label.comparison_id == first.id and label.best == perm[0] and label.permutation == perm
+    assert label.labeler == "alice" and label.shown_at is not None and label.shown_at <= label.submitted_at
+    assert lab.current.id == ids[1]
+    lab.buttons[3].click()
+    assert store.labels()[-1].best == lab._orders[ids[1]][3]
+    assert "labeled 2" in lab._progress.value and "queued 1" in lab._progress.value
+
+
+def test_orders_are_shuffled_and_seeded(store):
+    add_fixed(store, 12)
+    orders = []
+    for _ in range(2):
+        lab = ComparisonLabeler(store, SENTIMENT, labeler="bob", seed=7)
+        seen = []
+        while lab.current is not None:
+            seen.append(list(lab.permutation))
+            lab.choose(0)
+        for _ in range(12):
+            store.undo("bob")
+        orders.append(seen)
+    assert orders[0] == orders[1]  # same seed, same orders
+    assert len({tuple(p) for p in orders[0]}) > 3  # and not one fixed order
+
+
+def test_skip_stores_a_skip_and_advances(store):
+    ids = add_fixed(store, 2)
+    lab = ComparisonLabeler(store, SENTIMENT, seed=0)
+    perm = list(lab.permutation)
+    lab.skip_button.click()
+    assert store.labels() == [] and lab.current.id == ids[1]
+    assert store.pending("me", task=TASK) == [ids[1]]
+    assert store.counts() == [dict(task=TASK, labeler="me", labels=0, skips=1, retracted=0)]
+    lab.undo()
+    assert lab.current.id == ids[0] and lab.permutation == perm
+
+
+def test_undo_shows_the_comparison_again_in_the_same_order(store):
+    ids = add_fixed(store, 3)
+    lab = ComparisonLabeler(store, SENTIMENT, seed=3)
+    perm = list(lab.permutation)
+    lab.choose(2)
+    assert lab.current.id == ids[1]
+    lab.undo_button.click()
+    assert lab.current.id == ids[0] and lab.permutation == perm
+    assert store.labels() == [] and len(store.labels(include_retracted=True)) == 1
+    assert store.pending("me", task=TASK) == ids
+    lab.choose(1)  # labeling it again after the undo
+    assert [lb.best for lb in store.labels()] == [perm[1]]
+    lab.undo()
+    lab.undo()  # nothing left: says so, changes nothing
+    assert "nothing to undo" in lab._status.value and lab.current.id == ids[0]
+
+
+def test_note_is_stored_cleared_and_typing_never_chooses(store):
+    add_fixed(store, 3)
+    lab = ComparisonLabeler(store, SENTIMENT, seed=0)
+    for text in ("a", "ab", "ab12su", "ab12su 3"):  # keystrokes in the note box only change its value
+        lab.note.value = text
+    assert store.labels() == [] and store.counts() == []
+    lab.choose(0)
+    assert store.labels()[0].note == "ab12su 3" and lab.note.value == ""
+    lab.note.value = "all bad"
+    lab.skip()
+    lab.choose(1)
+    assert store.labels()[-1].note is None  # the note went with the skip, not the next label
+
+
+def test_labeler_name_change_applies_to_new_labels_and_queue(store):
+    ids = add_fixed(store, 3)
+    lab = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=0)
+    lab.choose(0)
+    lab.labeler_name.value = "  carol "
+    # The comparison on screen is pending for carol too, so it stays; her queue holds all three.
+    assert lab.labeler == "carol" and lab.current.id == ids[1] and "queued 3" in lab._progress.value
+    lab.choose(0)
+    assert [(lb.labeler, lb.comparison_id) for lb in store.labels()] == [("alice", ids[0]), ("carol", ids[1])]
+    assert lab.current.id == ids[0]  # carol's oldest pending
+    lab.labeler_name.value = ""  # refused: an empty name cannot label
+    assert lab.labeler == "carol" and lab.labeler_name.value == "carol"
+
+
+def test_key_presses_drive_choose_skip_undo(store):
+    ids = add_fixed(store, 4)
+    lab = ComparisonLabeler(store, SENTIMENT, seed=5)
+    perms = lab._orders
+    press(lab, "2")
+    press(lab, "b")
+    press(lab, "s")
+    labels = store.labels()
+    assert [(lb.comparison_id, lb.best) for lb in labels] == [(ids[0], perms[ids[0]][1]), (ids[1], perms[ids[1]][1])]
+    assert lab.current.id == ids[3] and store.counts()[0]["skips"] == 1
+    press(lab, "u")  # undoes the skip
+    assert lab.current.id == ids[2] and store.counts()[0]["skips"] == 0
+    press(lab, "u")
+    press(lab, "u")  # same key twice in a row: the counter makes both count
+    assert lab.current.id == ids[0] and store.labels() == []
+    press(lab, "x")  # not a labeling key: ignored
+    assert store.labels() == []
+
+
+def test_key_beyond_k_is_refused_and_choose_checks_position(store):
+    add_fixed(store, 1, k=3)
+    lab = ComparisonLabeler(store, SENTIMENT, seed=0)
+    assert len(lab.buttons) == 3 and "1-3 / a-c" in lab.keys.hint
+    press(lab, "4")
+    assert store.labels() == [] and "only 3 responses" in lab._status.value
+    with pytest.raises(ValueError, match="position must be 0..2"):
+        lab.choose(3)
+
+
+def test_empty_queue_message_and_actions(store):
+    lab = ComparisonLabeler(store, SENTIMENT, seed=0)
+    assert lab.current is None and "Queue empty" in lab._empty.value
+    assert lab._empty_box.layout.display is None and lab._comparison_box.layout.display == "none"
+    with pytest.raises(RuntimeError, match="queue .* is empty"):
+        lab.choose(0)
+    press(lab, "1")  # a key on an empty queue only says so
+    assert "empty" in lab._status.value
+    ids = add_fixed(store, 1)
+    lab.refill_button.click()  # without refill: "Check again" re-reads the queue
+    assert lab.refill_button.description == "Check again" and lab.current.id == ids[0]
+
+
+def test_refill_runs_in_a_background_thread_when_low(store):
+    add_fixed(store, 3)
+    gate, threads = threading.Event(), []
+
+    def refill():
+        threads.append(threading.current_thread())
+        gate.wait(10)  # a slow sampler: the click must not wait for it
+        add_fixed(store, 4, start=100)
+
+    lab = ComparisonLabeler(store, SENTIMENT, refill=refill, low_water=2, seed=0)
+    assert lab._refill_thread is None  # 3 pending >= low_water
+    lab.choose(0)
+    lab.choose(0)  # 1 pending < 2: starts the refill, returns at once
+    assert lab._refilling and "refilling" in lab._progress.value
+    lab.choose(0)  # queue now empty; a second refill is not started while one runs
+    assert lab.current is None and "being sampled" in lab._empty.value
+    gate.set()
+    lab._refill_thread.join(10)
+    assert threads and threads[0] is not threading.main_thread() and len(threads) == 1
+    assert lab.current is not None and lab.current.query == "query 100" and "queued 4" in lab._progress.value
+
+
+def test_refill_error_is_shown(store):
+    def refill():
+        raise OSError("disk full")
+
+    lab = ComparisonLabeler(store, SENTIMENT, refill=refill, seed=0)
+    lab._refill_thread.join(10)
+    assert "refill failed: OSError: disk full" in lab._status.value and lab.refill_button.description == "Refill"
+
+
+def test_make_comparisons_with_tiny_model(store, tiny):
+    model, tok = tiny
+    # The random tiny model almost never samples '.'; cutting after any token ending in "e" makes both
+    # cut and uncut responses occur (with this seed: 5 cut, 1 not).
+    task = SENTIMENT.with_(response_length=20, truncation=TruncationRule(text="e", after=2))
+    prompts = [Prompt("First. A calm morning by the lake. The end."), "Intro. Rain fell on the roofs all day."]
+    ids = make_comparisons(store, model, tok, task, prompts, k=3, source=["rho", "rho", "pi"],
+                           generator=torch.Generator().manual_seed(0), batch_size=4)
+    assert len(ids) == 2
+    comparisons = [store.comparison(i) for i in ids]
+    c = comparisons[0]
+    assert c.task == task.name and c.k == 3 and c.sources == ["rho", "rho", "pi"] and c.reference is None
+    assert c.query.strip().startswith("A calm morning") and c.query_tokens
+    assert comparisons[1].query.strip().startswith("Rain fell")
+    found_all, cut = [], []
+    for c in comparisons:
+        full, found = c.extra["full_responses"], c.extra["found"]
+        assert len(full) == 3 and all(isinstance(f, bool) for f in found)
+        for text, tokens, whole, was_found in zip(c.responses, c.response_tokens, full, found):
+            assert tok.decode(tokens, skip_special_tokens=True) == text and whole.startswith(text)
+            assert was_found or (len(tokens) == 20 and whole == text)  # uncut: all 20 tokens kept
+            found_all.append(was_found)
+            cut.append(len(tokens) < 20)
+    assert any(cut) and not all(found_all)
+    with pytest.raises(ValueError, match="list of k=3"):
+        make_comparisons(store, model, tok, task, prompts, k=3, source=["rho"])
+
+
+def test_make_policy_vs_rho_stores_blind_pairs(tmp_path):
+    from labkit.comparisons import make_policy_vs_rho
+    from labkit.labels import LabelStore
+    from labkit.models import load_lm
+    from labkit.ppo import PPOConfig, PPOTrainer
+    from labkit.tasks import SENTIMENT
+
+    model, tok = load_lm("tiny", device="cpu")
+    task = SENTIMENT.with_(response_length=4, truncation=None)
+    trainer = PPOTrainer(model, tok, task, lambda q, r: [0.0] * len(r), ["A prompt. Here it is."],
+                         PPOConfig(batch_size=2), verbose=False)
+    store = LabelStore(tmp_path / "labels.db")
+    ids = make_policy_vs_rho(store, trainer, ["First. Prompt one.", "Second. Prompt two."], seed=3)
+    comps = [store.comparison(i) for i in ids]
+    assert [c.sources for c in comps] == [["rho", "policy@0"]] * 2 and {c.kind for c in comps} == {"eval"}
+    assert all(len(c.responses) == 2 and len(c.response_tokens[0]) == 4 for c in comps)

@@ -1,0 +1,123 @@
+"""Seconds per PPO update on the embedded model, its split, peak memory and MFU.
+
+Sentiment-task shapes: batch 64 rollouts, query 64 tokens, response 24, 4 PPO epochs, 1 minibatch
+(split into micro-batches for gradient accumulation). The reward is a reward model (an LM trunk plus a
+scalar head) as in a real run. Prints one JSON line at the end.
+
+MFU counts matmul FLOPs honestly (attention scores ignored, ~2%), with N = the trunk's matmul weights
+(all Linear layers inside the transformer blocks), H = d_model * vocab (the LM head), B = batch,
+Q = query, R = response, T = Q + R, E = PPO epochs:
+  generation  2*N*B*(T-1) + 2*H*B*R          (prefill + one token at a time with a KV cache)
+  scoring     rho: 2*N*B*T + 2*H*B*R; pi (old log-probs and shared values): 2*N*B*T + 2*H*B*R;
+              reward model: 2*N*B*T; separate value model: + 2*N*B*T
+  training    E * 3 * (2*N*B*T + 2*H*B*R)  (forward + backward = 3x forward);
+              separate value model: + E * 3 * 2*N*B*T; LoRA: backward ~1x forward (no weight grads), so 2x
+and divides by the measured time and an fp32 matmul peak measured in this process.
+
+    python benchmarks/ppo_step.py                      # shared value head (the paper's default)
+    python benchmarks/ppo_step.py --value separate     # TRL's design: a separate value model
+    python benchmarks/ppo_step.py --lora-r 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def trunk_matmul_params(model) -> int:
+    from labkit.sampling import unwrap
+
+    base = unwrap(model)
+    trunk = getattr(base, base.base_model_prefix)
+    return sum(m.weight.numel() for m in trunk.modules() if isinstance(m, torch.nn.Linear))
+
+
+def update_flops(N, H, B, Q, R, E, value, lora) -> dict:
+    T = Q + R
+    gen = 2 * N * B * (T - 1) + 2 * H * B * R
+    score = 2 * (2 * N * B * T + 2 * H * B * R) + 2 * N * B * T + (2 * N * B * T if value == "separate" else 0)
+    mult = 2 if lora else 3
+    train = E * mult * (2 * N * B * T + 2 * H * B * R) + (E * 3 * 2 * N * B * T if value == "separate" else 0)
+    return {"generation": gen, "scoring": score, "training": train, "total": gen + score + train}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--query", type=int, default=64)
+    p.add_argument("--response", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=16, help="gradient accumulation chunk")
+    p.add_argument("--value", choices=["shared", "separate"], default="shared")
+    p.add_argument("--lora-r", type=int, default=0)
+    p.add_argument("--updates", type=int, default=4, help="measured updates after one warm-up (median reported)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from labkit.data import load_prompts
+    from labkit.models import load_lm
+    from labkit.ppo import PPOConfig, PPOTrainer
+    from labkit.reward import reward_model_from_lm
+    from labkit.tasks import SENTIMENT
+
+    peak = matmul_peak_gflops()
+    policy, tok = load_lm(args.model)
+    device = next(policy.parameters()).device
+    # Exact shapes: queries of exactly `--query` tokens (no sentence trimming), `--response` new tokens.
+    task = SENTIMENT.with_(query_length=args.query, response_length=args.response, start_after=None, end_at=None)
+    passages = [p.text for p in load_prompts(task, "all")]
+    prompts = [" ".join(passages[i : i + 3]) for i in range(0, len(passages) - 3, 3)]
+    rm = reward_model_from_lm(policy, tok).requires_grad_(False)
+    trainer = PPOTrainer(policy, tok, task, rm, prompts, verbose=False, config=PPOConfig(
+        batch_size=args.batch, micro_batch_size=args.micro_batch, ppo_epochs=args.epochs, total_updates=100,
+        value_model=args.value, lora_r=args.lora_r, lr=1e-5 if not args.lora_r else 1e-4))
+    assert all(len(q) == args.query for q in trainer.queries[:8]), "prompts too short for the query length"
+
+    runs = []
+    for i in range(args.updates + 1):
+        m = trainer.step()
+        print(f"update {i}{' (warm-up)' if i == 0 else ''}: {m['time/step']:.1f} s "
+              f"(generation {m['time/generation']:.1f}, scoring {m['time/scoring']:.1f}, optimisation {m['time/optimization']:.1f})",
+              flush=True)
+        if i > 0:
+            runs.append(m)
+    med = statistics.median(m["time/step"] for m in runs)
+    split = {k: statistics.median(m[f"time/{k}"] for m in runs) for k in ("generation", "scoring", "optimization")}
+    N = trunk_matmul_params(trainer.policy)
+    H = policy.config.hidden_size * policy.config.vocab_size
+    flops = update_flops(N, H, args.batch, args.query, args.response, args.epochs, args.value, args.lora_r > 0)
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = {
+        "benchmark": "ppo_step", "model": args.model, "device": str(device), "value": args.value, "lora_r": args.lora_r,
+        "batch": args.batch, "query": args.query, "response": args.response, "epochs": args.epochs,
+        "micro_batch": args.micro_batch, "threads": args.threads,
+        "seconds_per_update": round(med, 2), "episodes_per_s": round(args.batch / med, 3),
+        "generation_s": round(split["generation"], 2), "scoring_s": round(split["scoring"], 2),
+        "optimization_s": round(split["optimization"], 2), "peak_rss_gib": round(peak_rss_gib, 2),
+        "flops_per_update": f"{flops['total']:.3e}", "matmul_peak_gflops": round(peak, 1),
+        "achieved_gflops": round(flops["total"] / med / 1e9, 1), "mfu": round(flops["total"] / med / (peak * 1e9), 3),
+        "flop_formula": "N=%d trunk matmul params, H=%d head params; see the module docstring" % (N, H),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

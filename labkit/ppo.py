@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean, whiten
+from labkit import distributed
+from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean
 from labkit.kl_controller import AdaptiveKLController, FixedKLController
 from labkit.optim import linear_decay_scheduler, make_optimizer
 from labkit.reward import RewardModel
@@ -51,7 +52,8 @@ class PPOConfig:
     """PPO settings. Defaults follow the released code where a CPU can afford it (see each field)."""
 
     batch_size: int = 64
-    """Rollouts per update (the paper: 1024 style / 512 summaries; code at 124M: 512 / 32)."""
+    """Rollouts per update and process: N processes sample N * batch_size in all (the paper: 1024 style /
+    512 summaries in all; code at 124M: 512 / 32)."""
     minibatch_size: int | None = None
     """Rollouts per optimiser step; None = the whole batch (the code's 1 minibatch)."""
     micro_batch_size: int | None = None
@@ -91,7 +93,8 @@ class PPOConfig:
     generation_batch_size: int | None = None
     """Rollouts sampled at once (memory bound); None = the whole batch."""
     seed: int = 0
-    """Seeds prompt choice, sampling and minibatch order (all saved in checkpoints)."""
+    """Seeds prompt choice, sampling and minibatch order (all saved in checkpoints); process r of N uses
+    seed + r * 100003."""
     save_every: int = 1
     """With a run_dir, checkpoint after every this many updates (0 = only when asked)."""
     n_samples_shown: int = 4
@@ -192,6 +195,7 @@ class PPOTrainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         params += list((self.value_head or self.value_model).parameters())
         self.params = params
+        distributed.broadcast_parameters(params)  # every process starts from the main process's weights
         self.optimizer = make_optimizer(params, cfg.lr, cfg.optimizer)
         self.scheduler = linear_decay_scheduler(self.optimizer, cfg.total_updates)
         init_beta = cfg.init_beta if cfg.init_beta is not None else self.task.init_beta
@@ -200,8 +204,8 @@ class PPOTrainer:
         self.kl_target = target
 
         # All randomness is owned here and checkpointed, so a resumed run repeats the same updates.
-        self.rng = np.random.default_rng(cfg.seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(distributed.process_seed(cfg.seed))
+        self.generator = torch.Generator(device=self.device).manual_seed(distributed.process_seed(cfg.seed))
         self.step_count = 0
         self.history: list[dict] = []
         self.samples: list[dict] = []
@@ -263,21 +267,25 @@ class PPOTrainer:
         # 2. score the truncated responses
         scores = self._score(roll, reward)  # (B,)
 
-        # 3. rho's log-probs and the old log-probs / values of pi
+        # 3. rho's log-probs, and pi's old log-probs and values from one scoring pass. Not the sampler's
+        #    log-probs: KV-cache generation differs from a full pass by float noise (~1e-5), and with a large
+        #    beta reward whitening would blow that noise up into a training signal; both sides of the KL
+        #    must come from the same kind of pass.
         ref_logprobs = self._rho_logprobs(roll)  # (B, R)
         with torch.no_grad():
             old_logprobs, old_values, _ = self._policy_and_values(roll.query_ids, roll.query_lengths, roll.response_ids)
         t_score = time.time()
 
         # 4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten keeping the mean
+        #    (whitening statistics are over all processes' rollouts, as one process with the whole batch)
         beta = self.kl_ctl.beta
         rewards, kl, non_score = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, beta)  # (B, R) each
         if cfg.whiten_rewards:
-            rewards = whiten(rewards, shift_mean=False)
+            rewards = distributed.global_whiten(rewards, shift_mean=False)
 
         # 5. advantages (GAE) and returns; advantages whitened fully
         advantages, returns = compute_gae(rewards, old_values, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = whiten(advantages)
+        advantages = distributed.global_whiten(advantages)
 
         # 6. PPO epochs. Interrupts are deferred so an update is applied whole or not at all.
         stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
@@ -316,26 +324,29 @@ class PPOTrainer:
                                 stats["approxkl"].append(0.5 * (logratio**2).mean().item())
                                 stats["ratio"].append(ratio.mean().item())
                                 stats["entropy"].append(entropy.sum(-1).mean().item())
+                        distributed.average_gradients(self.params)  # DDP's all-reduce; no-op in one process
                         self.optimizer.step()
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
 
-                # 7. adapt beta on this batch's KL (summed over tokens, batch mean), report
+                # 7. adapt beta on this batch's KL (summed over tokens, mean over all processes' rollouts,
+                #    so that every process gets the same beta), report
                 kl_sum = kl.sum(-1)  # (B,)
-                self.kl_ctl.update(kl_sum.mean().item(), B)
+                kl_mean = distributed.all_reduce_mean(kl_sum.mean()).item()
+                self.kl_ctl.update(kl_mean, B * distributed.world_size())
                 self.step_count += 1
         t_end = time.time()
 
         ratio_k3 = torch.exp(ref_logprobs - old_logprobs)  # k3 = (r - 1) - log r >= 0 per token, unbiased
         metrics = {
             "step": self.step_count,
-            "episodes": self.step_count * B,
-            "objective/kl": kl_sum.mean().item(),
+            "episodes": self.step_count * B * distributed.world_size(),
+            "objective/kl": kl_mean,
             "objective/kl3": ((ratio_k3 - 1) - torch.log(ratio_k3)).sum(-1).mean().item(),
             "objective/kl_coef": beta,
             "objective/kl_target": self.kl_target,
             "objective/scores": scores.mean().item(),
-            "objective/scores_std": scores.std(unbiased=False).item(),
+            "objective/scores_std": distributed.global_mean_std(scores)[1].item(),
             "objective/non_score_reward": non_score.sum(-1).mean().item(),
             "objective/rlhf_reward": (scores + non_score.sum(-1)).mean().item(),
             "objective/entropy": float(np.mean(stats["entropy"][: max(1, len(stats["entropy"]) // cfg.ppo_epochs)])),
@@ -348,12 +359,13 @@ class PPOTrainer:
             "val/ratio": float(np.mean(stats["ratio"])),
             "val/mean": masked_mean(old_values, None).item(),
             "lr": lr,
-            "eps": B / (t_end - t_start),
+            "eps": B * distributed.world_size() / (t_end - t_start),
             "time/generation": t_gen - t_start,
             "time/scoring": t_score - t_gen,
             "time/optimization": t_end - t_score,
             "time/step": t_end - t_start,
         }
+        metrics.update(distributed.mean_over_processes({k: v for k, v in metrics.items() if k not in _GLOBAL_METRICS}))
         self.history.append(metrics)
         self.samples = [
             {"query": roll.query_texts[b], "response": roll.response_texts[b], "score": round(scores[b].item(), 3),
@@ -361,7 +373,8 @@ class PPOTrainer:
             for b in range(min(cfg.n_samples_shown, B))
         ]
         if self.run_dir is not None:
-            self._append_metrics(metrics)
+            if distributed.is_main():
+                self._append_metrics(metrics)
             if cfg.save_every and self.step_count % cfg.save_every == 0:
                 self.save(self.run_dir / "checkpoint")
         return metrics
@@ -439,21 +452,35 @@ class PPOTrainer:
                     opt_meta["scalars"][f"{pid}.{k}"] = v.item() if torch.is_tensor(v) else v
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         tensors["rng.generator"] = self.generator.get_state().cpu()
+        process_numpy_rng = []
+        if distributed.world_size() > 1:  # each process samples its own rollouts: keep every one's random state
+            states = distributed.gather_objects((self.rng.bit_generator.state, torch.get_rng_state(), self.generator.get_state().cpu()))
+            for r, (numpy_state, torch_cpu, generator) in enumerate(states):
+                tensors[f"rng.torch_cpu.{r}"], tensors[f"rng.generator.{r}"] = torch_cpu, generator
+                process_numpy_rng.append(numpy_state)
         meta = {
             "format": "labkit-ppo-checkpoint", "version": 1, "step": self.step_count,
             "config": asdict(self.config), "task": asdict(self.task), "optimizer": opt_meta,
             "scheduler": self.scheduler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
             "numpy_rng": self.rng.bit_generator.state, "history": self.history,
+            "world_size": distributed.world_size(), "process_numpy_rng": process_numpy_rng,
         }
         return tensors, meta
 
     def save(self, folder) -> Path:
-        """Write the full state atomically: a crash mid-save leaves the previous checkpoint intact."""
+        """Write the full state atomically: a crash mid-save leaves the previous checkpoint intact.
+
+        Under several processes every process calls it (their random states are gathered); the main process
+        writes and the others wait for it.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state_tensors_and_meta()
+        if not distributed.is_main():
+            distributed.barrier()  # until the main process has written the checkpoint
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -464,6 +491,7 @@ class PPOTrainer:
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
         return folder
 
     def load(self, folder) -> None:
@@ -493,11 +521,32 @@ class PPOTrainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         self.scheduler.load_state_dict(meta["scheduler"])
         self.kl_ctl.load_state_dict(meta["kl_controller"])
-        self.rng.bit_generator.state = meta["numpy_rng"]
-        torch.set_rng_state(tensors["rng.torch_cpu"])
-        self.generator.set_state(tensors["rng.generator"].to(self.generator.device) if self.device.type != "cuda" else tensors["rng.generator"])
         self.step_count = meta["step"]
         self.history = meta["history"]
+        self._restore_rng(tensors, meta)
+
+    def _restore_rng(self, tensors: dict, meta: dict) -> None:
+        """This process's random state from a checkpoint written by as many processes; else new streams."""
+        saved_world, r = meta.get("world_size", 1), distributed.rank()
+        if saved_world != distributed.world_size():
+            # written by a different number of processes: derive fresh per-process streams from the step
+            if distributed.is_main():
+                print(f"The checkpoint was written by {saved_world} process(es), this run has "
+                      f"{distributed.world_size()}: sampling continues with new random streams.")
+            seed = [distributed.process_seed(self.config.seed), self.step_count]
+            self.rng = np.random.default_rng(seed)
+            self.generator.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+            return
+        suffix = f".{r}" if saved_world > 1 else ""
+        self.rng.bit_generator.state = meta["process_numpy_rng"][r] if saved_world > 1 else meta["numpy_rng"]
+        torch.set_rng_state(tensors["rng.torch_cpu" + suffix])
+        generator_state = tensors["rng.generator" + suffix]
+        self.generator.set_state(generator_state.to(self.generator.device) if self.device.type != "cuda" else generator_state)
+
+
+# Metrics already equal on every process (global or shared state); all others are averaged over processes.
+_GLOBAL_METRICS = {"step", "episodes", "objective/kl", "objective/kl_coef", "objective/kl_target",
+                   "objective/scores_std", "lr"}
 
 
 def _json_default(o):

@@ -129,26 +129,36 @@ def sample(
     )
 
 
-def _cache_argument(model) -> str:
+def _trunk_and_head(model):
+    """The transformer trunk (embeddings .. final norm) and the vocabulary head of a causal LM."""
+    base = unwrap(model)
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def _cache_argument(module) -> str:
     """transformers 5.2x renamed `past_key_values` to `cache`; support both."""
     import inspect
 
-    params = inspect.signature(unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
-    """KV-cache sampling loop: (response_ids (B, R), logprobs (B, R)). Only last-position logits are kept."""
+    """KV-cache sampling loop: response_ids (B, R), logprobs (B, R).
+
+    The trunk and the vocabulary head are called separately, so the head runs on one position per step.
+    """
+    trunk, head = _trunk_and_head(model)
     B, Q = query_ids.shape
     mask = left_pad_mask(query_lengths, Q)
     pos = positions(mask)
-    out = model(input_ids=query_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    out = trunk(input_ids=query_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    h = out.last_hidden_state[:, -1]  # (B, H): predicts response token 0
     tokens = torch.empty(B, R, dtype=torch.long, device=query_ids.device)
     logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
-    cache_arg = _cache_argument(model)
+    cache_arg = _cache_argument(trunk)
     for t in range(R):
-        logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        logp = F.log_softmax(head(h).float() / temperature, dim=-1)  # (B, V)
         tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
         tokens[:, t] = tok[:, 0]
         logprobs[:, t] = logp.gather(-1, tok)[:, 0]
@@ -156,7 +166,8 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         cache = out.cache if cache_arg == "cache" else out.past_key_values
-        out = model(input_ids=tok, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_arg: cache})
+        out = trunk(input_ids=tok, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_arg: cache})
+        h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return tokens, logprobs
 
@@ -184,9 +195,7 @@ def forward_responses(
     The trunk runs once; the vocabulary head is applied only at the R positions that predict response
     tokens (position Q-1+t predicts response token t), so no (B, Q+R, V) logits tensor is ever built.
     """
-    base = unwrap(model)
-    trunk = getattr(base, base.base_model_prefix)
-    head = base.get_output_embeddings()
+    trunk, head = _trunk_and_head(model)
     B, Q = query_ids.shape
     R = response_ids.shape[1]
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
@@ -197,8 +206,10 @@ def forward_responses(
     logp_all = F.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
-    if want_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if want_entropy:  # a metric only: computed outside the graph so it holds no (B, R, V) tensors for backward
+        with torch.no_grad():
+            lp = logp_all.detach()
+            entropy = -(lp.exp() * lp).sum(-1)
     return ResponseForward(logprobs=logprobs, entropy=entropy, hidden=h if want_hidden else None)
 
 

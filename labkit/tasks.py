@@ -84,22 +84,14 @@ SENTIMENT = Task(
     kl_target=6.0,
 )
 
-DESCRIPTIVENESS = Task(
+DESCRIPTIVENESS = replace(  # the same experiment with another instruction to the labelers
+    SENTIMENT,
     name="descriptiveness",
     title="Vividly descriptive continuation",
     instructions=(
         "Which continuation is the most vividly descriptive? Prefer text that paints a concrete picture "
         "(sights, sounds, textures, specific detail) and stays coherent with the prompt."
     ),
-    prompt_source="passages",
-    query_length=64,
-    response_length=24,
-    temperature=0.7,
-    truncation=_STYLE_TRUNCATION,
-    start_after=".",
-    end_at=".",
-    init_beta=0.15,
-    kl_target=6.0,
 )
 
 TLDR = Task(

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from labkit import distributed
 from labkit.optim import linear_decay_scheduler, make_optimizer
 from labkit.sampling import left_pad_mask, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
@@ -36,7 +37,7 @@ class RewardConfig:
     lr: float = 5e-5
     """Peak learning rate, decayed linearly to 0 over the run (paper 774M: 1.77e-5)."""
     batch_size: int = 32
-    """Comparisons per optimiser step (each has k responses)."""
+    """Comparisons per optimiser step (each has k responses); under N processes each takes a 1/N share."""
     epochs: int = 1
     """Passes over the labels (the paper: 1)."""
     heldout_fraction: float = 0.1
@@ -142,19 +143,23 @@ class RewardModel(nn.Module):
         """Set gain/bias so that r ~ N(0, 1) on responses sampled from rho (the frozen base model).
 
         `prompts` are source texts (formatted with the task); they are cycled if fewer than n_samples.
+        Chunk c of `batch_size` samples is drawn with seed + c, and under N processes chunks are shared out
+        round-robin and the statistics taken over all of them: the result does not depend on N.
         Returns the mean and std of the raw head before the change.
         """
         rng = random.Random(seed)
         texts = [prompts[rng.randrange(len(prompts))] for _ in range(n_samples)]
         queries = [format_query(task, t, self.tokenizer) for t in texts]
-        gen = torch.Generator(device=next(rho.parameters()).device).manual_seed(seed)
-        raws = []
-        for i in range(0, n_samples, batch_size):
+        raws = [torch.zeros(0, device=self.device)]
+        for c, i in enumerate(range(0, n_samples, batch_size)):
+            if c % distributed.world_size() != distributed.rank():
+                continue  # another process samples this chunk
+            gen = torch.Generator(device=next(rho.parameters()).device).manual_seed(seed + c)
             roll = sample(rho, self.tokenizer, queries[i : i + batch_size], task, generator=gen)
             raws.append(self.raw(roll.query_ids.to(self.device), roll.query_lengths.to(self.device),
                                  roll.truncated_ids.to(self.device), roll.truncated_lengths.clamp(min=1).to(self.device)))
-        raw = torch.cat(raws)
-        mean, std = raw.mean(), raw.std(unbiased=False).clamp(min=1e-6)
+        mean, std = distributed.global_mean_std(torch.cat(raws))  # population std over every process's samples
+        std = std.clamp(min=1e-6)
         self.gain.fill_(1 / std)
         self.bias.fill_(-mean / std)
         return {"raw_mean": mean.item(), "raw_std": std.item()}
@@ -226,19 +231,24 @@ class RewardTrainer:
 
     @torch.no_grad()
     def evaluate(self, examples: list[KWayExample], batch_size: int | None = None) -> dict:
-        """Held-out loss and accuracy (how often the labeled best gets the highest reward)."""
+        """Held-out loss and accuracy (how often the labeled best gets the highest reward).
+
+        Under N processes each scores a 1/N share of `examples`; the sums are added over processes.
+        """
         if not examples:
             return {}
         bs = batch_size or self.config.batch_size
-        losses, correct = [], []
-        for i in range(0, len(examples), bs):
-            batch = examples[i : i + bs]
+        mine = distributed.shard(examples)
+        loss_sum, n_correct = 0.0, 0.0
+        for i in range(0, len(mine), bs):
+            batch = mine[i : i + bs]
             r = self._batch_rewards(batch)
             best = torch.tensor([ex.best for ex in batch], device=r.device)
             loss, c = kway_loss(r, best)
-            losses.append(loss.item() * len(batch))
-            correct.append(c)
-        return {"rm/heldout_loss": sum(losses) / len(examples), "rm/heldout_accuracy": torch.cat(correct).mean().item()}
+            loss_sum += loss.item() * len(batch)
+            n_correct += c.sum().item()
+        loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
+        return {"rm/heldout_loss": loss_sum / len(examples), "rm/heldout_accuracy": n_correct / len(examples)}
 
     def split(self, examples: list[KWayExample]) -> tuple[list[KWayExample], list[KWayExample]]:
         """A seeded train / held-out split (at least one held-out example when there are >= 5)."""
@@ -275,16 +285,24 @@ class RewardTrainer:
                 for s in range(steps_per_epoch):
                     t0 = time.time()
                     batch = [train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-                    r = self._batch_rewards(batch)
-                    best = torch.tensor([ex.best for ex in batch], device=r.device)
-                    loss, correct = kway_loss(r, best)
+                    # each process takes a share of the batch; its loss is weighted so that the gradient
+                    # averaged over processes is the gradient of the mean loss over the whole batch
+                    mine = distributed.shard(batch)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss_sum, n_correct = 0.0, 0.0
+                    if mine:
+                        r = self._batch_rewards(mine)
+                        best = torch.tensor([ex.best for ex in mine], device=r.device)
+                        loss, correct = kway_loss(r, best)
+                        (loss * (len(mine) * distributed.world_size() / len(batch))).backward()
+                        loss_sum, n_correct = loss.item() * len(mine), correct.sum().item()
+                    distributed.average_gradients(params)
+                    loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
                     lr = opt.param_groups[0]["lr"]
                     opt.step()
                     sched.step()
                     self.step += 1
-                    m = {"step": self.step, "rm/loss": loss.item(), "rm/accuracy": correct.mean().item(), "rm/lr": lr,
+                    m = {"step": self.step, "rm/loss": loss_sum / len(batch), "rm/accuracy": n_correct / len(batch), "rm/lr": lr,
                          "rm/chance_loss": math.log(k), "rm/chance_accuracy": 1 / k, "time/step": time.time() - t0}
                     last = epoch == cfg.epochs - 1 and s == steps_per_epoch - 1
                     if held and (self.step % cfg.eval_every == 0 or last):

@@ -1,0 +1,187 @@
+"""The command line for cluster jobs: `labkit train-reward JOB` and `labkit ppo JOB`.
+
+A job file is what a notebook saves with one call (labkit.jobs): `RewardJob(...).save("rm.yaml")`,
+`PPOJob(...).save("ppo.yaml")`. The same command runs on one process or many:
+
+    labkit ppo ppo.yaml                                                # one process (its GPU if any)
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m labkit.cli ppo ppo.yaml   # 8 GPUs
+    accelerate launch --multi_gpu --num_processes 2 -m labkit.cli ppo ppo.yaml     # no GPU: 2 CPU processes
+
+Several processes run data-parallel (labkit.distributed): each samples its share, gradients are averaged,
+batch statistics are global, and only the main process reads the label database and writes files.
+Both commands write `metrics.jsonl` (one JSON dict per step) into their folder while they run; a notebook
+plots it live with `Dashboard.from_jsonl(path)` and `dash.refresh_from_jsonl(path)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from labkit import distributed
+from labkit.jobs import PPOJob, RewardJob
+
+
+class MetricsFile:
+    """Appends each metrics dict as one JSON line, on the main process only: what `Dashboard.from_jsonl` reads.
+
+    It has a Dashboard's `log` and `flush`, so a trainer's `dashboard=` argument can write to it.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if distributed.is_main():  # a new run starts a new file (the dashboard notices and starts over)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def log(self, metrics: dict, samples: list[dict] | None = None) -> None:
+        if distributed.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def flush(self) -> None:
+        pass  # every line is written when it is logged
+
+
+def _say(message: str) -> None:
+    if distributed.is_main():
+        print(f"labkit: {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# labkit train-reward
+
+
+def _read_examples(job: RewardJob, task_name: str):
+    from labkit.labels import LabelStore
+    from labkit.reward import examples_from_store
+
+    path = Path(job.labels)
+    if not path.exists():  # LabelStore would create an empty store: refuse instead
+        raise FileNotFoundError(f"Label store {path} does not exist (RewardJob.labels).")
+    with LabelStore(path) as store:
+        return [ex for kind in job.label_kinds for ex in examples_from_store(store, task_name, kind)]
+
+
+def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
+    """Fit a reward model as the online loop's refit does: fresh head on rho, normalise, train, normalise."""
+    from labkit.data import load_prompts
+    from labkit.models import load_lm
+    from labkit.reward import RewardTrainer, reward_model_from_lm
+
+    cfg = job.reward
+    task = job.task_spec()
+    out = Path(job.output_dir)
+    # 1. labels: the main process reads the database, every process gets the examples
+    examples = distributed.run_on_main(lambda: _read_examples(job, task.name))
+    _say(f"{len(examples)} labeled comparisons for task {task.name!r} on {distributed.world_size()} process(es).")
+    # 2. rho and a fresh reward model on a copy of it; the same initial head on every process
+    torch.manual_seed(cfg.seed)
+    rho, tokenizer = load_lm(job.model, device=device, dtype=job.dtype)
+    rm = reward_model_from_lm(rho, tokenizer)
+    rho.requires_grad_(False)
+    distributed.broadcast_parameters(rm.parameters())
+    texts = [p.text for p in load_prompts(task, split=job.prompt_split, source=job.prompt_source)]
+    # 3. normalise on rho's samples, train, normalise again (samples shared out between processes)
+    before = rm.normalize(rho, task, texts, n_samples=cfg.normalize_samples, seed=cfg.seed)
+    history = RewardTrainer(rm, cfg).fit(examples, dashboard=MetricsFile(out / "metrics.jsonl"),
+                                         progress=distributed.is_main())
+    after = rm.normalize(rho, task, texts, n_samples=cfg.normalize_samples, seed=cfg.seed)
+    rm.requires_grad_(False).eval()
+    summary = {"world_size": distributed.world_size(), "examples": len(examples), "steps": len(history),
+               "normalize_before": before, "normalize_after": after, "final": history[-1]}
+    if check_sync:
+        summary["weights_digest"] = distributed.check_same_weights(rm.state_dict().values())
+        _say(f"weights identical on {distributed.world_size()} process(es): sha256 {summary['weights_digest']}")
+    # 4. the main process writes; the others wait so that the files exist when the command returns
+    if distributed.is_main():
+        rm.save(out)
+        job.save(out / "job.yaml")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()
+    _say(f"reward model saved to {out} (final loss {history[-1]['rm/loss']:.4f}).")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# labkit ppo
+
+
+def _load_reward(job: PPOJob, tokenizer, device):
+    from labkit.reward import RewardModel
+
+    if job.reward == "vader":
+        from labkit.labelers import VaderLabeler
+
+        vader = VaderLabeler()
+        return lambda queries, responses: vader.score(responses)
+    rm = RewardModel.load(job.reward, device=device, dtype=job.dtype).requires_grad_(False)
+    if len(rm.tokenizer) != len(tokenizer):
+        raise ValueError(f"The reward model in {job.reward} has a vocabulary of {len(rm.tokenizer)} tokens, the "
+                         f"policy {job.model!r} one of {len(tokenizer)}: train the reward model on the same base model.")
+    return rm
+
+
+def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
+    """Train (or resume) PPO in job.run_dir until job.n_updates updates are done."""
+    from labkit.data import load_prompts
+    from labkit.models import load_lm
+    from labkit.ppo import PPOTrainer
+
+    cfg = job.ppo
+    task = job.task_spec()
+    run_dir = Path(job.run_dir)
+    torch.manual_seed(cfg.seed)  # identical initial weights everywhere (PPOTrainer also broadcasts them)
+    policy, tokenizer = load_lm(job.model, device=device, dtype=job.dtype)
+    reward = _load_reward(job, tokenizer, device)
+    prompts = load_prompts(task, split=job.prompt_split, source=job.prompt_source)
+    trainer = PPOTrainer(policy, tokenizer, task, reward, prompts, cfg, run_dir=run_dir, verbose=distributed.is_main())
+    if distributed.is_main():
+        job.save(run_dir / "job.yaml")
+    remaining = job.n_updates - trainer.step_count
+    _say(f"PPO on {distributed.world_size()} process(es) x {cfg.batch_size} rollouts per update; "
+         f"{max(0, remaining)} of {job.n_updates} updates to go.")
+    if remaining > 0:
+        trainer.train(remaining, progress=distributed.is_main())
+        if not (cfg.save_every and trainer.step_count % cfg.save_every == 0):
+            trainer.save(run_dir / "checkpoint")  # every process calls it; the main one writes
+    summary = {"world_size": distributed.world_size(), "step": trainer.step_count,
+               "final": trainer.history[-1] if trainer.history else None}
+    if check_sync:
+        summary["weights_digest"] = distributed.check_same_weights(trainer.params)
+        _say(f"weights identical on {distributed.world_size()} process(es): sha256 {summary['weights_digest']}")
+    _say(f"checkpoint and metrics.jsonl in {run_dir}.")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="labkit", description="Train headless from a job file saved in a notebook (labkit.jobs). "
+        "Run under `accelerate launch` for several processes; see docs/scale_out.md.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("train-reward", "fit a reward model on a label store (RewardJob file)"),
+                       ("ppo", "run or resume PPO (PPOJob file)")):
+        p = commands.add_parser(name, help=text, description=text)
+        p.add_argument("job", help="job file (.yaml, .yml or .json) written by RewardJob/PPOJob(...).save(path)")
+        p.add_argument("--check-sync", action="store_true",
+                       help="at the end, check that every process holds bit-identical weights and print their digest")
+    args = parser.parse_args(argv)
+    if args.command == "train-reward":
+        job = RewardJob.load(args.job)
+        train_reward(job, distributed.init_processes(), args.check_sync)
+    else:
+        job = PPOJob.load(args.job)
+        run_ppo(job, distributed.init_processes(), args.check_sync)
+    distributed.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Data parallelism over the processes that `accelerate launch` starts: small helpers on torch.distributed.
+
+labkit runs DDP-style data parallelism and nothing else:
+- every process holds full copies of the models and samples its own share of the rollouts / comparisons;
+- after each backward pass, before the optimiser step, `average_gradients` all-reduces the gradients of
+  the trainable parameters (in flat buckets), which is what DDP does. The models are not wrapped in DDP
+  because labkit calls their trunk and head separately (labkit.sampling), which would bypass DDP's hooks;
+- the statistics the paper takes over a batch (reward normalisation, reward and advantage whitening, the
+  KL fed to the controller, reported metrics) are taken over all processes' samples, so an N-process run
+  with B samples per process computes what one process with N*B samples would;
+- each process seeds its sampling with `process_seed(seed) = seed + rank * 100003` (the released code's
+  rule), and only the main process writes files.
+
+accelerate only launches the processes and sets up the process group (`init_processes`). Every helper is
+a no-op, or the plain single-process computation, when torch.distributed is not initialised: a notebook
+never notices this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Iterable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+SEED_STRIDE = 100_003
+"""Per-process seed offset: process r seeds with seed + r * SEED_STRIDE, as the released code did."""
+
+GRADIENT_BUCKET_NUMEL = 2**24
+"""Gradients are all-reduced in flat buckets of at most this many elements (64 MB in fp32)."""
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------
+# who am I
+
+
+def init_processes() -> torch.device:
+    """Join the process group set up by `accelerate launch` (or torchrun); return this process's device.
+
+    In a plain `python` run this is a single process on the default device (CUDA if present, else CPU).
+    Without CUDA the processes talk over gloo; with CUDA over NCCL, one GPU per process.
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise RuntimeError(
+                f"labkit was launched with {name}, which it does not support yet: labkit runs DDP-style data "
+                "parallelism only (full model copies on every process, gradients averaged). Launch with a "
+                "MULTI_GPU config instead, e.g. `accelerate launch --config_file examples/accelerate/ddp.yaml`. "
+                "See docs/scale_out.md."
+            )
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true" or not torch.cuda.is_available()
+    return PartialState(cpu=cpu).device
+
+
+def finish() -> None:
+    """Leave the process group at the end of a launched job (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """True inside a process group of any size (started by `accelerate launch` / torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """The process that writes checkpoints, metrics and reads the label database."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def process_seed(seed: int) -> int:
+    """This process's seed: seed + rank * 100003 (a single process keeps `seed`)."""
+    return seed + rank() * SEED_STRIDE
+
+
+def shard(items: list[T]) -> list[T]:
+    """This process's share of a list that every process holds: items rank, rank + N, rank + 2N, ..."""
+    return items[rank() :: world_size()]
+
+
+def _comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# reductions (new tensors; inputs are never modified)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum of `x` over all processes (x may live on any device; the result is on x's)."""
+    if not is_distributed():
+        return x.detach().clone()
+    out = x.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(x.device)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise mean of `x` over all processes (each process's `x` counts once)."""
+    if not is_distributed():
+        return x.detach().clone()
+    return all_reduce_sum(x) / world_size()
+
+
+def _global_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 mean and population variance over all processes' elements: two passes (sum, then squared
+    deviations from the global mean). Processes may hold different numbers of elements, also zero."""
+    flat = x.detach().double().flatten()
+    n_and_sum = all_reduce_sum(torch.stack([flat.new_tensor(float(flat.numel())), flat.sum()]))
+    n = n_and_sum[0]
+    if n.item() == 0:
+        raise ValueError("No process holds any element to take statistics of.")
+    mean = n_and_sum[1] / n
+    var = all_reduce_sum(((flat - mean) ** 2).sum()) / n
+    return mean, var
+
+
+def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population (biased) std of every element of `x` on every process, as if concatenated.
+
+    Equals the single-process result over the concatenation up to rounding (accumulated in float64).
+    A single process returns `x.mean(), x.std(unbiased=False)` exactly.
+    """
+    if not is_distributed():
+        return x.mean(), x.std(unbiased=False)
+    mean, var = _global_mean_var(x)
+    return mean.to(x.dtype), var.sqrt().to(x.dtype)
+
+
+def global_whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """`labkit.advantages.whiten(x)` (no mask) with the mean and variance taken over all processes.
+
+    A single process calls `whiten` itself, so notebook runs are bit-for-bit unchanged.
+    """
+    if not is_distributed():
+        from labkit.advantages import whiten
+
+        return whiten(x, shift_mean=shift_mean, eps=eps)
+    mean, var = _global_mean_var(x)
+    mean, var = mean.to(x.dtype), var.to(x.dtype)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each float averaged over the processes (one all-reduce for the whole dict)."""
+    if not is_distributed() or not values:
+        return dict(values)
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    t = all_reduce_mean(t)
+    return {k: v for k, v in zip(keys, t.tolist())}
+
+
+# ------------------------------------------------------------------------------------------------
+# parameters and gradients
+
+
+def _buckets(tensors: list[torch.Tensor], max_numel: int) -> Iterable[list[torch.Tensor]]:
+    """Consecutive groups of tensors with one dtype and device and at most max_numel elements (or one tensor)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if bucket and (size + t.numel() > max_numel or t.dtype != bucket[0].dtype or t.device != bucket[0].device):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
+
+
+@torch.no_grad()
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each parameter's .grad by its mean over all processes (DDP's all-reduce), in place.
+
+    Call after backward and before optimizer.step(). Each process's loss must be a mean over its own
+    samples, scaled so that the average over processes is the loss of the whole batch (equal shares need
+    no scaling). A parameter with a gradient on some process but none on another (a process with no
+    samples this step) gets a zero gradient there; parameters without a gradient anywhere stay None.
+    """
+    if not is_distributed():
+        return
+    params = list(params)
+    if not params:
+        return
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=_comm_device())
+    has_grad = all_reduce_sum(has_grad)
+    for p, count in zip(params, has_grad.tolist()):
+        if count > 0 and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    n = world_size()
+    for bucket in _buckets(grads, GRADIENT_BUCKET_NUMEL):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= n
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+@torch.no_grad()
+def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Copy the main process's values into every process's tensors (DDP does this when it wraps a model)."""
+    if not is_distributed():
+        return
+    for p in params:
+        dist.broadcast(p.data, src=src)
+
+
+def weights_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the exact bytes of the tensors, in order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for t in tensors:
+        data = t.detach().cpu().contiguous().reshape(-1)
+        h.update(str(data.dtype).encode())
+        h.update(data.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_weights(tensors: Iterable[torch.Tensor]) -> str:
+    """The weights' digest, after checking that every process holds the same one (RuntimeError if not)."""
+    digest = weights_digest(tensors)
+    digests = gather_objects(digest)
+    if len(set(digests)) != 1:
+        differing = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"Weights differ between processes: ranks {differing} differ from rank 0 "
+                           f"(digests {[d[:12] for d in digests]}).")
+    return digest
+
+
+# ------------------------------------------------------------------------------------------------
+# Python objects
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """The main process's `obj` on every process (pickled; for small things such as labeled examples)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: T) -> list[T]:
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """`fn()` on the main process only; every process gets its result.
+
+    If `fn` raises on the main process, every process raises (no process is left waiting).
+    """
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            error = e
+    result, message = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"The main process failed: {message}")
+    return result

@@ -1,0 +1,161 @@
+"""Job files: a notebook's settings saved with one call, run headless by `labkit train-reward` / `labkit ppo`.
+
+A job holds the same config dataclasses the notebook uses (`RewardConfig`, `PPOConfig`) plus what the
+notebook set up by hand: which model, task, prompts, labels and output folder.
+
+    job = PPOJob(run_dir="runs/ppo", n_updates=200, model="gpt2-large", task="sentiment",
+                 reward="runs/rm", ppo=PPOConfig(batch_size=64, lr=1e-5, total_updates=200))
+    job.save("ppo.yaml")          # YAML for .yaml / .yml, JSON for anything else
+    # on the cluster:  accelerate launch --config_file ddp.yaml -m labkit.cli ppo ppo.yaml
+
+`load` refuses unknown keys (naming the known ones) and a file written for the other command.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from labkit.ppo import PPOConfig
+from labkit.reward import RewardConfig
+from labkit.tasks import Task, TruncationRule, get_task
+
+
+@dataclass
+class RewardJob:
+    """`labkit train-reward`: fit a reward model on the labels in a label store, normalised on rho."""
+
+    labels: str
+    """Path of the label store (the SQLite file the labeling widget and mock labelers write)."""
+    output_dir: str
+    """Where the reward model (`RewardModel.save` format), metrics.jsonl and summary.json go."""
+    model: str = "smollm2-135m"
+    """The base model rho (a `load_lm` name: "smollm2-135m", "tiny", a hub id or a local folder)."""
+    task: str = "sentiment"
+    """One of the paper's tasks (labkit.tasks); only its comparisons are trained on."""
+    task_overrides: dict = field(default_factory=dict)
+    """Task fields to change, e.g. {"response_length": 8, "truncation": {"text": ".", "after": 4}}."""
+    label_kinds: list[str] = field(default_factory=lambda: ["train", "validation"])
+    """Comparison kinds to train on (the online loop trains on "train" and "validation")."""
+    prompt_source: str = "demo"
+    """Prompts whose rho samples set the normalisation: "demo", "hub" or a local file (labkit.data)."""
+    prompt_split: str = "train"
+    """"train", "validation" or "all" (demo and hub sources)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Training settings; `reward.batch_size` is per optimiser step over ALL processes (each takes a share)."""
+    dtype: str | None = None
+    """Model dtype, e.g. "float32" or "bfloat16"; None = labkit's choice (bf16 on a GPU that has it, else fp32)."""
+
+    def save(self, path) -> Path:
+        return _save(self, "train-reward", path)
+
+    @classmethod
+    def load(cls, path) -> "RewardJob":
+        return _load(cls, "train-reward", path)
+
+    def task_spec(self) -> Task:
+        return build_task(self.task, self.task_overrides)
+
+
+@dataclass
+class PPOJob:
+    """`labkit ppo`: PPO against a saved reward model (or a mock scorer), checkpointing into run_dir."""
+
+    run_dir: str
+    """Checkpoint and metrics.jsonl folder. A job started again on the same run_dir resumes from it."""
+    n_updates: int
+    """Updates the run should reach in total: a resumed job only runs the ones still missing."""
+    model: str = "smollm2-135m"
+    """The policy's starting point and rho (a `load_lm` name)."""
+    task: str = "sentiment"
+    """One of the paper's tasks (labkit.tasks)."""
+    task_overrides: dict = field(default_factory=dict)
+    """Task fields to change, e.g. {"response_length": 8, "truncation": None}."""
+    reward: str = "vader"
+    """A saved reward model folder (`labkit train-reward`'s output_dir), or "vader": the mock sentiment
+    labeler's score used directly as the reward (the paper's mock-sentiment experiment)."""
+    prompt_source: str = "demo"
+    """"demo" (embedded), "hub" (the paper's datasets) or a local file (labkit.data.load_prompts)."""
+    prompt_split: str = "train"
+    """"train", "validation" or "all" (demo and hub sources)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO settings; `ppo.batch_size` rollouts are sampled by EACH process per update."""
+    dtype: str | None = None
+    """Model dtype; None = labkit's choice."""
+
+    def save(self, path) -> Path:
+        return _save(self, "ppo", path)
+
+    @classmethod
+    def load(cls, path) -> "PPOJob":
+        return _load(cls, "ppo", path)
+
+    def task_spec(self) -> Task:
+        return build_task(self.task, self.task_overrides)
+
+
+def build_task(name: str, overrides: dict) -> Task:
+    """The named task with `overrides` applied; "truncation" may be None or {"text": ..., "after": ...}."""
+    task = get_task(name)
+    known = sorted(f.name for f in fields(Task) if f.name != "name")
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown task_overrides {unknown}; known task fields: {known}.")
+    changes = dict(overrides)
+    if isinstance(changes.get("truncation"), dict):
+        changes["truncation"] = _from_dict(TruncationRule, changes["truncation"], "task_overrides.truncation")
+    return task.with_(**changes)
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got {type(data).__name__}.")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown {where} keys {unknown}; known keys: {sorted(known)}.")
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where} lacks the required keys {missing}.")
+    return cls(**data)
+
+
+def _save(job, command: str, path) -> Path:
+    path = Path(path)
+    data = {"job": command, **asdict(job)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def _load(cls, command: str, path):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Job file {path} does not exist. Write one from a notebook with "
+                                f"`{cls.__name__}(...).save({str(path)!r})`.")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a job file holds a mapping of {cls.__name__} fields.")
+    data = dict(data)
+    written_for = data.pop("job", command)
+    if written_for != command:
+        raise ValueError(f"{path} is a job for `labkit {written_for}`, not `labkit {command}`.")
+    nested = {"reward": RewardConfig} if cls is RewardJob else {"ppo": PPOConfig}
+    for key, sub in nested.items():
+        if key in data:
+            data[key] = _from_dict(sub, data[key], f"{path}: {key}")
+    job = _from_dict(cls, data, str(path))
+    job.task_spec()  # unknown task names or override keys fail here, not after the models are loaded
+    return job

@@ -18,6 +18,26 @@ from labkit.sampling import sample
 from labkit.tasks import Task, format_query, get_task
 
 
+def rollout_rows(roll, tokenizer) -> list[dict]:
+    """Per sampled row: the query and the response as the store keeps them (truncated text and tokens,
+    the untruncated text, whether a truncation point was found)."""
+    full = tokenizer.batch_decode(roll.response_ids.tolist(), skip_special_tokens=True)
+    kept = [ids[:n] for ids, n in zip(roll.truncated_ids.tolist(), roll.truncated_lengths.tolist())]
+    query_ids = [ids[len(ids) - n:] for ids, n in zip(roll.query_ids.tolist(), roll.query_lengths.tolist())]
+    return [dict(query=roll.query_texts[b], query_tokens=query_ids[b], response=roll.response_texts[b],
+                 tokens=kept[b], full=full[b], found=bool(roll.found[b])) for b in range(len(roll))]
+
+
+def comparison_item(task_name: str, prompt: Prompt | str, rows: list[dict], sources: list[str], kind: str) -> dict:
+    """One comparison for LabelStore.add_comparisons from k rows of `rollout_rows` (same query)."""
+    return dict(
+        task=task_name, kind=kind, query=rows[0]["query"], query_tokens=rows[0]["query_tokens"],
+        responses=[r["response"] for r in rows], response_tokens=[r["tokens"] for r in rows], sources=sources,
+        reference=prompt.reference if isinstance(prompt, Prompt) else None,
+        extra={"full_responses": [r["full"] for r in rows], "found": [r["found"] for r in rows]},
+    )
+
+
 def make_comparisons(
     store: LabelStore,
     model,
@@ -52,24 +72,9 @@ def make_comparisons(
     # One sampling call for every prompt's k responses: rows i*k .. i*k+k-1 belong to prompt i.
     rollout = sample(model, tokenizer, [q for q in queries for _ in range(k)], task,
                      generator=generator, batch_size=batch_size)
-    full_texts = tokenizer.batch_decode(rollout.response_ids.tolist(), skip_special_tokens=True)
-    kept_ids = [row[:n] for row, n in zip(rollout.truncated_ids.tolist(), rollout.truncated_lengths.tolist())]
-    found = rollout.found.tolist()
-
-    items = []
-    for i, (prompt, query) in enumerate(zip(prompts, queries)):
-        rows = range(i * k, (i + 1) * k)
-        items.append(dict(
-            task=task.name,
-            kind=kind,
-            query=rollout.query_texts[i * k],
-            query_tokens=query,
-            responses=[rollout.response_texts[r] for r in rows],
-            response_tokens=[kept_ids[r] for r in rows],
-            sources=source,
-            reference=prompt.reference if isinstance(prompt, Prompt) else None,
-            extra={"full_responses": [full_texts[r] for r in rows], "found": [bool(found[r]) for r in rows]},
-        ))
+    rows = rollout_rows(rollout, tokenizer)
+    sources = [source] * k if isinstance(source, str) else list(source)
+    items = [comparison_item(task.name, p, rows[i * k:(i + 1) * k], sources, kind) for i, p in enumerate(prompts)]
     return store.add_comparisons(items)
 
 
@@ -88,17 +93,7 @@ def make_policy_vs_rho(store: LabelStore, trainer, prompts: list[Prompt | str], 
     rho_roll = trainer.sample_rho(texts, seed=seed)
     pi_roll = trainer.sample_policy(texts, seed=seed + 1)
     policy = f"policy@{trainer.step_count}"
-    items = []
-    for i, prompt in enumerate(prompts):
-        rolls = (rho_roll, pi_roll)
-        full = [trainer.tokenizer.decode(r.response_ids[i].tolist(), skip_special_tokens=True) for r in rolls]
-        items.append(dict(
-            task=task.name, kind=kind, query=rho_roll.query_texts[i],
-            query_tokens=format_query(task, texts[i], trainer.tokenizer),
-            responses=[r.response_texts[i] for r in rolls],
-            response_tokens=[r.truncated_ids[i, : r.truncated_lengths[i]].tolist() for r in rolls],
-            sources=["rho", policy],
-            reference=prompt.reference if isinstance(prompt, Prompt) else None,
-            extra={"full_responses": full, "found": [bool(r.found[i]) for r in rolls]},
-        ))
+    rho_rows, pi_rows = rollout_rows(rho_roll, trainer.tokenizer), rollout_rows(pi_roll, trainer.tokenizer)
+    items = [comparison_item(task.name, p, [rho_rows[i], pi_rows[i]], ["rho", policy], kind)
+             for i, p in enumerate(prompts)]
     return store.add_comparisons(items)

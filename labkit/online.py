@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labkit.comparisons import comparison_item, rollout_rows
 from labkit.data import Prompt
 from labkit.evaluate import win_rate_from_store
 from labkit.labels import LabelStore
@@ -69,25 +70,6 @@ class OnlineConfig:
 
 def _text(prompt: Prompt | str) -> str:
     return prompt.text if isinstance(prompt, Prompt) else prompt
-
-
-def _rows(roll: Rollout, tokenizer) -> list[dict]:
-    """Per sampled row: the query and the response as labkit.comparisons stores them (truncated + full)."""
-    full = tokenizer.batch_decode(roll.response_ids.tolist(), skip_special_tokens=True)
-    kept = [ids[:n] for ids, n in zip(roll.truncated_ids.tolist(), roll.truncated_lengths.tolist())]
-    query_ids = [ids[len(ids) - n:] for ids, n in zip(roll.query_ids.tolist(), roll.query_lengths.tolist())]
-    return [dict(query=roll.query_texts[b], query_tokens=query_ids[b], response=roll.response_texts[b],
-                 tokens=kept[b], full=full[b], found=bool(roll.found[b])) for b in range(len(roll))]
-
-
-def _item(task_name: str, prompt: Prompt | str, rows: list[dict], sources: list[str], kind: str) -> dict:
-    """One comparison for LabelStore.add_comparisons, in make_comparisons' format."""
-    return dict(
-        task=task_name, kind=kind, query=rows[0]["query"], query_tokens=rows[0]["query_tokens"],
-        responses=[r["response"] for r in rows], response_tokens=[r["tokens"] for r in rows], sources=sources,
-        reference=prompt.reference if isinstance(prompt, Prompt) else None,
-        extra={"full_responses": [r["full"] for r in rows], "found": [r["found"] for r in rows]},
-    )
 
 
 class OnlineLoop:
@@ -155,18 +137,18 @@ class OnlineLoop:
 
         # 1. pi: K responses per train prompt, then `half` per validation prompt, in one locked pass
         roll, step = self._sample_pi(queries(train, K) + queries(val, half), seed=self._rng.randrange(2**31))
-        pi_rows = _rows(roll, self.tokenizer)
+        pi_rows = rollout_rows(roll, self.tokenizer)
         # 2. rho: the other half of each validation comparison (rho is frozen: no lock needed)
         rho_rows = []
         if val:
-            rho_rows = _rows(self._sample_rho(queries(val, half), seed=self._rng.randrange(2**31)), self.tokenizer)
+            rho_rows = rollout_rows(self._sample_rho(queries(val, half), seed=self._rng.randrange(2**31)), self.tokenizer)
 
         # 3. store all of them in one transaction
         policy = f"policy@{step}"
-        items = [_item(self.task.name, p, pi_rows[i * K:(i + 1) * K], [policy] * K, "train")
+        items = [comparison_item(self.task.name, p, pi_rows[i * K:(i + 1) * K], [policy] * K, "train")
                  for i, p in enumerate(train)]
         val_pi = pi_rows[len(train) * K:]
-        items += [_item(self.task.name, p, rho_rows[i * half:(i + 1) * half] + val_pi[i * half:(i + 1) * half],
+        items += [comparison_item(self.task.name, p, rho_rows[i * half:(i + 1) * half] + val_pi[i * half:(i + 1) * half],
                         ["rho"] * half + [policy] * half, "validation")
                   for i, p in enumerate(val)]
         return self.store.add_comparisons(items)

@@ -5,7 +5,8 @@ reward model learned from that classifier's 4-way picks raise the classifier's o
 human is VADER (`VaderLabeler`, id "mock:vader"), and the four phases are:
 
   1. labels  sample 4 responses per TRAIN prompt from rho (the embedded model, task temperature 0.7),
-             store them in a LabelStore (<out>/labels.db) and have VADER pick the most positive one;
+             store them in a LabelStore (<out>/labels.db) and have VADER pick the most positive one; it
+             skips a comparison whose best score is tied (mostly several 0.0s), as a person would;
   2. reward  a reward model (fresh head on a copy of rho) normalised on rho's samples, trained one epoch
              on those labels, normalised again; held-out 4-way accuracy (chance 0.25) is reported;
   3. ppo     PPO of a copy of rho against the REWARD MODEL (never against VADER) with the KL penalty and
@@ -43,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-FULL = dict(n_labels=1000, rm_batch=16, rm_lr=1e-4, rm_train_layers=6, norm_samples=64, ppo_updates=40,
-            ppo_batch=64, ppo_minibatch=32, ppo_epochs=2, ppo_lr=2e-5, eval_prompts=47, eval_samples=4,
+FULL = dict(n_labels=1000, rm_batch=16, rm_lr=1e-4, rm_train_layers=8, norm_samples=64, ppo_updates=40,
+            ppo_batch=64, ppo_minibatch=32, ppo_epochs=2, ppo_lr=3e-5, eval_prompts=47, eval_samples=4,
             time_budget=6900.0)
 QUICK = dict(n_labels=128, rm_batch=16, rm_lr=1e-4, rm_train_layers=6, norm_samples=32, ppo_updates=8,
              ppo_batch=32, ppo_minibatch=16, ppo_epochs=2, ppo_lr=2e-5, eval_prompts=47, eval_samples=2,
@@ -59,8 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="labkit.models.load_lm name (tests may pass 'tiny')")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     # labels
-    p.add_argument("--n-labels", type=int, help="4-way comparisons sampled from rho and labeled by VADER")
+    p.add_argument("--n-labels", type=int, help="labeled 4-way comparisons (skipped ties not counted)")
     p.add_argument("--labeler-temperature", type=float, default=0.0, help="0: VADER's argmax; > 0: noisy softmax picks")
+    p.add_argument("--keep-ties", action="store_true",
+                   help="label tied tops too (first of the tied best) instead of skipping them as a person would")
     p.add_argument("--sample-batch", type=int, default=32, help="sequences sampled at once (all phases)")
     # reward model
     p.add_argument("--rm-batch", type=int, help="comparisons per reward-model step")
@@ -129,52 +132,47 @@ def log(msg: str) -> None:
 
 
 def collect_labels(args, store, rho, tok, task, prompts, labeler):
+    """Sample 4-way comparisons from rho until VADER has labeled args.n_labels of them (it skips tied tops)."""
+    from labkit.comparisons import make_comparisons
     from labkit.labelers import label_pending
 
-    try:
-        from labkit.comparisons import make_comparisons
-    except ImportError:  # pragma: no cover - the module is being written alongside this script
-        make_comparisons = None
+    def labeled():
+        return len(store.training_set(task=task.name, kind="train"))
 
-    have = len(store.training_set(task=task.name, kind="train"))
+    have = labeled()
     if have and not args.reuse:
         raise SystemExit(f"{store.path} already holds {have} labeled comparisons; pass --reuse to use them "
                          "or choose a fresh --out.")
-    need = max(0, args.n_labels - have)
-    if need:
-        log(f"labels: sampling {need} comparisons x 4 responses from rho ({have} reused)")
+    if have < args.n_labels:
+        log(f"labels: sampling comparisons x 4 responses from rho until {args.n_labels} are labeled ({have} reused)")
     order = list(range(len(prompts)))
     random.Random(args.seed).shuffle(order)
-    picks = [prompts[order[(have + i) % len(order)]] for i in range(need)]  # cycle through a shuffled train set
-    gen = torch.Generator().manual_seed(args.seed * 1000 + have + 1)
-    chunk = max(1, args.sample_batch // 4) * 4  # prompts per call: a few sampling batches, then commit
-    t0 = time.time()
-    for start in range(0, need, chunk):
-        part = picks[start : start + chunk]
-        if make_comparisons is not None:
-            make_comparisons(store, rho, tok, task, part, k=4, source="rho", batch_size=args.sample_batch, generator=gen)
-        else:  # the same few lines by hand
-            from labkit.sampling import sample
-            from labkit.tasks import format_query
-
-            queries = [format_query(task, pr.text, tok) for pr in part]
-            roll = sample(rho, tok, [q for q in queries for _ in range(4)], task, generator=gen, batch_size=args.sample_batch)
-            store.add_comparisons([dict(task=task.name, query=roll.query_texts[4 * i], query_tokens=q,
-                                        responses=roll.response_texts[4 * i : 4 * i + 4], sources="rho")
-                                   for i, q in enumerate(queries)])
+    chunk = max(1, args.sample_batch // 4) * 4  # prompts per call: a few sampling batches, then label and commit
+    t0, first = time.time(), have
+    while have < args.n_labels:
+        made = len(store.comparisons(task=task.name, kind="train"))
+        if made >= 5 * args.n_labels + 64:
+            raise SystemExit(f"labels: only {have} of {made} sampled comparisons have a single best response by "
+                             f"VADER; this model's samples are not decisive enough (try --keep-ties)")
+        # cycle through the shuffled train prompts; a few more than missing, since ~1/4 of them are skipped
+        n = min(chunk, max(4, round((args.n_labels - have) * 1.4)))
+        part = [prompts[order[(made + i) % len(order)]] for i in range(n)]
+        gen = torch.Generator().manual_seed(args.seed * 1000 + made + 1)
+        make_comparisons(store, rho, tok, task, part, k=4, source="rho", batch_size=args.sample_batch, generator=gen)
         label_pending(store, labeler, task=task.name)
-        done = start + len(part)
-        rate = (time.time() - t0) / done
-        log(f"labels: {have + done}/{args.n_labels} labeled ({rate:.2f} s/comparison, ~{rate * (need - done):.0f} s left)")
-    label_pending(store, labeler, task=task.name)
+        have = labeled()
+        rate = (time.time() - t0) / max(1, have - first)
+        log(f"labels: {have}/{args.n_labels} labeled ({rate:.2f} s/label, ~{rate * max(0, args.n_labels - have):.0f} s left)")
     pairs = store.training_set(task=task.name, kind="train")[: args.n_labels]
-    # How decisive the mock human is: VADER often scores a 24-token continuation exactly 0.
+    # How decisive the mock human is: VADER scores a 24-token continuation exactly 0 when it has no sentiment word.
+    made = store.comparisons(task=task.name, kind="train")
     n_tied = n_all_tied = 0
-    for c, _ in pairs:
+    for c in made:
         s = labeler.score(c.responses)
         n_tied += s.count(max(s)) > 1
         n_all_tied += len(set(s)) == 1
-    stats = {"labels_top_tied_frac": round(n_tied / len(pairs), 3), "labels_all_tied_frac": round(n_all_tied / len(pairs), 3)}
+    stats = {"comparisons_sampled": len(made), "labels_top_tied_frac": round(n_tied / len(made), 3),
+             "labels_all_tied_frac": round(n_all_tied / len(made), 3), "skip_ties": labeler.skip_ties}
     return pairs, stats
 
 
@@ -200,7 +198,7 @@ def freeze_lower_layers(rm, n_train: int) -> int:
 
 def rm_settings(args) -> dict:
     return {k: getattr(args, k) for k in ("n_labels", "rm_batch", "rm_lr", "rm_epochs", "rm_train_layers",
-                                          "heldout_fraction", "norm_samples", "labeler_temperature", "seed", "model")}
+                                          "heldout_fraction", "norm_samples", "labeler_temperature", "keep_ties", "seed", "model")}
 
 
 def train_reward_model(args, out, rho, tok, task, prompts, examples):
@@ -358,7 +356,7 @@ def main(argv=None):
     task = SENTIMENT if args.response_length is None else SENTIMENT.with_(response_length=args.response_length)
     train_prompts = load_prompts(task, "train")
     val_prompts = load_prompts(task, "validation")[: args.eval_prompts]
-    labeler = VaderLabeler(temperature=args.labeler_temperature, seed=args.seed)
+    labeler = VaderLabeler(temperature=args.labeler_temperature, seed=args.seed, skip_ties=not args.keep_ties)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     log(f"settings: {json.dumps(settings)}")
 

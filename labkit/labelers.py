@@ -9,6 +9,10 @@ learned from its labels.
 response i with probability exp(score_i / T) / sum_j exp(score_j / T). T is in the units of the score
 (VADER compound and ROUGE-L F1 lie in [-1, 1] and [0, 1], so T = 0.1 is already noisy).
 Give each simulated labeler its own `labeler_id` and `seed` to study agreement between them.
+
+`skip_ties=True` makes a labeler skip (as a person presses "skip") when the best score is shared: VADER
+gives exactly 0.0 to any text without a sentiment word, so about a quarter of 4-way comparisons of 24-token
+continuations have a tied top, and an arbitrary pick among equals is pure label noise for the reward model.
 """
 
 from __future__ import annotations
@@ -25,24 +29,27 @@ from labkit.labels import Comparison, LabelStore
 class Labeler(Protocol):
     labeler_id: str
 
-    def choose(self, comparison: Comparison) -> int:
-        """Index (stored order) of the best response of `comparison`."""
+    def choose(self, comparison: Comparison) -> int | None:
+        """Index (stored order) of the best response of `comparison`, or None to skip it."""
         ...
 
 
 def label_pending(store: LabelStore, labeler: Labeler, task=None, kind=None, limit=None) -> int:
-    """Have `labeler` label every comparison it has not labeled yet (at most `limit`), oldest first.
-    Labels are stored under labeler.labeler_id; returns how many were added."""
+    """Have `labeler` label every comparison it has neither labeled nor skipped (at most `limit`), oldest
+    first. Labels and skips (choose() returned None) are stored under labeler.labeler_id; returns how many
+    comparisons were handled (labels + skips)."""
     todo = set(store.pending(labeler.labeler_id, task=task, kind=kind))
     comparisons = [c for c in store.comparisons(task=task, kind=kind) if c.id in todo][:limit]
     # Commit in chunks: one fsync per chunk instead of per label, and a crash loses at most one chunk
     # of (recomputable) mock labels.
     chunk = 256
     for start in range(0, len(comparisons), chunk):
-        store.record_labels([
-            dict(comparison_id=c.id, best=labeler.choose(c), labeler=labeler.labeler_id)
-            for c in comparisons[start:start + chunk]
-        ])
+        picks = [(c, labeler.choose(c)) for c in comparisons[start:start + chunk]]
+        store.record_labels([dict(comparison_id=c.id, best=best, labeler=labeler.labeler_id)
+                             for c, best in picks if best is not None])
+        for c, best in picks:  # rare (ties only), so one transaction each is fine
+            if best is None:
+                store.record_skip(c.id, labeler.labeler_id, note="tied top score")
     return len(comparisons)
 
 
@@ -52,6 +59,7 @@ class _ScoreLabeler:
 
     temperature: float = 0.0
     seed: int | None = None
+    skip_ties: bool = False
     _rng: np.random.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -65,9 +73,12 @@ class _ScoreLabeler:
     def __call__(self, texts: list[str], references: list[str] | None = None) -> list[float]:
         return self.score(texts, references)
 
-    def choose(self, comparison: Comparison) -> int:
+    def choose(self, comparison: Comparison) -> int | None:
         references = None if comparison.reference is None else [comparison.reference] * comparison.k
-        return pick(self.score(comparison.responses, references), self.temperature, self._rng)
+        scores = self.score(comparison.responses, references)
+        if self.skip_ties and scores.count(max(scores)) > 1:
+            return None
+        return pick(scores, self.temperature, self._rng)
 
 
 def pick(scores, temperature: float, rng: np.random.Generator) -> int:

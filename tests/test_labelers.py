@@ -91,3 +91,18 @@ def test_label_pending_stores_under_labeler_ids(tmp_path):
         assert len(store.labels(labeler="mock:descriptive")) == 3
         assert len(store.labels(labeler="mock:vader@T0.3")) == 3
         assert store.pending("mock:vader") == [cids[-1] + 1]  # the other task is untouched
+
+
+def test_skip_ties_skips_a_shared_top_and_stores_the_skip(tmp_path):
+    neutral = "It is a table."  # VADER compound exactly 0.0, as for any text without a sentiment word
+    tied, decisive = [SAD, neutral, neutral], [SAD, neutral, HAPPY]
+    labeler = VaderLabeler(skip_ties=True)
+    assert labeler.choose(comparison(tied)) is None
+    assert labeler.choose(comparison(decisive)) == 2
+    assert VaderLabeler().choose(comparison(tied)) == 1  # without skip_ties: the first of the tied best
+    with LabelStore(tmp_path / "labels.db") as store:
+        cids = store.add_comparisons([dict(task="sentiment", query="q", responses=r) for r in (tied, decisive, tied)])
+        assert label_pending(store, labeler, task="sentiment") == 3
+        assert [(c.id, lb.best) for c, lb in store.training_set(task="sentiment")] == [(cids[1], 2)]
+        assert store.pending("mock:vader") == []  # skips count as handled: not offered again
+        assert label_pending(store, labeler, task="sentiment") == 0

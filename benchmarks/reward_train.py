@@ -5,6 +5,9 @@ for a few optimiser steps after a warm-up, and prints one JSON line. Each compar
 query + response through the trunk, forward and backward.
 
     python benchmarks/reward_train.py --batch 16 --steps 3
+
+--dump-examples FILE also writes the comparisons as JSON (texts, best, and the token ids exactly as the
+trainer encodes them), so that benchmarks/trl_reward_train.py can train TRL on the very same inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="comparisons per step")
     p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dump-examples", metavar="FILE", help="write the comparisons as JSON, then benchmark")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -41,6 +45,13 @@ def main():
         resp = [tok.decode(tok.encode(" " + passages[(i * 4 + j + 7) % len(passages)], add_special_tokens=False)[:24])
                 for j in range(4)]
         examples.append(KWayExample(query, resp, i % 4))
+    if args.dump_examples:
+        enc = lambda t: tok.encode(t, add_special_tokens=False)  # as RewardModel._encode does
+        rows = [{"query": ex.query, "responses": ex.responses, "best": ex.best, "query_ids": enc(ex.query),
+                 "response_ids": [enc(r) or [tok.eos_token_id] for r in ex.responses]} for ex in examples]
+        with open(args.dump_examples, "w") as f:
+            json.dump({"model": args.model, "batch": args.batch, "steps": args.steps,
+                       "pad_token_id": tok.pad_token_id, "examples": rows}, f)
     rm = reward_model_from_lm(lm, tok)
     trainer = RewardTrainer(rm, RewardConfig(batch_size=args.batch, heldout_fraction=0.0, eval_every=10**9))
     trainer.fit(examples[: args.batch], progress=False)  # warm-up

@@ -294,15 +294,17 @@ class PPOTrainer:
         micro = cfg.micro_batch_size or mb
         with _deferred_interrupt():
             with self._lock:
-                for _ in range(cfg.ppo_epochs):
+                for epoch in range(cfg.ppo_epochs):
                     perm = torch.from_numpy(self.rng.permutation(B)).to(self.device)
                     for mb_start in range(0, B, mb):
                         mb_idx = perm[mb_start : mb_start + mb]
                         self.optimizer.zero_grad(set_to_none=True)
                         for mc_start in range(0, len(mb_idx), micro):
                             i = mb_idx[mc_start : mc_start + micro]
+                            # entropy is reported for the first epoch only (the policy before this update's
+                            # steps); later epochs skip its softmax over (micro, R, V)
                             logprobs, vpred, entropy = self._policy_and_values(
-                                roll.query_ids[i], roll.query_lengths[i], roll.response_ids[i], want_entropy=True)
+                                roll.query_ids[i], roll.query_lengths[i], roll.response_ids[i], want_entropy=epoch == 0)
                             # clipped value loss around the old values
                             vpredclipped = old_values[i] + (vpred - old_values[i]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
                             vf_losses1 = (vpred - returns[i]) ** 2
@@ -323,7 +325,8 @@ class PPOTrainer:
                                 stats["vf_clipfrac"].append((vf_losses2 > vf_losses1).float().mean().item())
                                 stats["approxkl"].append(0.5 * (logratio**2).mean().item())
                                 stats["ratio"].append(ratio.mean().item())
-                                stats["entropy"].append(entropy.sum(-1).mean().item())
+                                if entropy is not None:
+                                    stats["entropy"].append(entropy.sum(-1).mean().item())
                         distributed.average_gradients(self.params)  # DDP's all-reduce; no-op in one process
                         self.optimizer.step()
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -349,7 +352,7 @@ class PPOTrainer:
             "objective/scores_std": distributed.global_mean_std(scores)[1].item(),
             "objective/non_score_reward": non_score.sum(-1).mean().item(),
             "objective/rlhf_reward": (scores + non_score.sum(-1)).mean().item(),
-            "objective/entropy": float(np.mean(stats["entropy"][: max(1, len(stats["entropy"]) // cfg.ppo_epochs)])),
+            "objective/entropy": float(np.mean(stats["entropy"])),
             "objective/truncated_frac": roll.found.float().mean().item(),
             "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
             "policy/clipfrac_avg": float(np.mean(stats["pg_clipfrac"])),

@@ -20,9 +20,11 @@ The last stdout line is one JSON record (settings, per-phase seconds and results
     python benchmarks/mock_sentiment.py                # full run, under 2 hours on 2 CPU cores
 
 Budget choices (the paper's settings are for 8 V100s, not for 2 CPU cores), all flags:
+- labels: 1,000 (the paper's mock experiments start at 2,500); sampling them is ~20 minutes here.
 - reward model: only the top --rm-train-layers transformer layers (plus the final norm and the head) are
-  trained; the rest of the trunk is frozen. One epoch costs about one forward pass over the labels instead
-  of three (forward + full backward + Adam on 135M weights).
+  trained; the rest of the trunk is frozen. One epoch costs about 1.5 forward passes over the labels
+  instead of three (forward + full backward + Adam on 135M weights). Two epochs, not the paper's one: on
+  1,000 labels one epoch reached 0.39 held-out accuracy (loss 1.371, chance 1.386), two reached 0.44.
 - PPO: full fine-tuning with TF-style Adam at a learning rate far above the paper's 1.41e-5 / batch 1024,
   since only a few thousand episodes fit; the adaptive KL controller's horizon is shortened to match
   (the code's 10,000 episodes would leave beta fixed over so short a run).
@@ -44,10 +46,10 @@ from pathlib import Path
 
 import torch
 
-FULL = dict(n_labels=1000, rm_batch=16, rm_lr=1e-4, rm_train_layers=8, norm_samples=64, ppo_updates=40,
-            ppo_batch=64, ppo_minibatch=32, ppo_epochs=2, ppo_lr=3e-5, eval_prompts=47, eval_samples=4,
+FULL = dict(n_labels=1000, rm_batch=16, rm_lr=1e-4, rm_epochs=2, rm_train_layers=8, norm_samples=64, ppo_updates=30,
+            ppo_batch=64, ppo_minibatch=32, ppo_epochs=2, ppo_lr=5e-5, eval_prompts=47, eval_samples=4,
             time_budget=6900.0)
-QUICK = dict(n_labels=128, rm_batch=16, rm_lr=1e-4, rm_train_layers=6, norm_samples=32, ppo_updates=8,
+QUICK = dict(n_labels=128, rm_batch=16, rm_lr=1e-4, rm_epochs=1, rm_train_layers=6, norm_samples=32, ppo_updates=8,
              ppo_batch=32, ppo_minibatch=16, ppo_epochs=2, ppo_lr=2e-5, eval_prompts=47, eval_samples=2,
              time_budget=840.0)
 
@@ -68,7 +70,7 @@ def parse_args(argv=None):
     # reward model
     p.add_argument("--rm-batch", type=int, help="comparisons per reward-model step")
     p.add_argument("--rm-lr", type=float, help="reward-model peak learning rate (linear decay to 0, one epoch)")
-    p.add_argument("--rm-epochs", type=int, default=1)
+    p.add_argument("--rm-epochs", type=int, help="passes over the labels (the paper: 1; 2 in the full run, see above)")
     p.add_argument("--rm-train-layers", type=int, help="top transformer layers trained in the reward model; -1 = all")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of labels kept out to measure accuracy")
     p.add_argument("--norm-samples", type=int, help="rho samples for each reward normalisation")

@@ -57,7 +57,8 @@ class PPOConfig:
     minibatch_size: int | None = None
     """Rollouts per optimiser step; None = the whole batch (the code's 1 minibatch)."""
     micro_batch_size: int | None = None
-    """Rollouts per forward/backward inside a minibatch (gradient accumulation); None = minibatch."""
+    """Rollouts per forward/backward inside a minibatch (gradient accumulation), and per forward of the
+    no-grad scoring passes; None = minibatch. Smaller uses less memory, at some speed."""
     ppo_epochs: int = 4
     """Passes over each batch, with a fresh permutation each pass."""
     lr: float = 1e-5
@@ -220,12 +221,21 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------
     # helpers
 
+    def _chunk_size(self, n: int) -> int:
+        """Rollouts per no-grad scoring forward: micro_batch_size, so that one holds one chunk's (b, R, V) logits."""
+        return self.config.micro_batch_size or self.config.minibatch_size or n
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self._chunk_size(n)
+        return [slice(i, i + size) for i in range(0, n, size)]
+
     def _rho_logprobs(self, roll: Rollout) -> torch.Tensor:
-        with torch.no_grad():
-            if self.rho is None:
-                with self.policy.disable_adapter():
-                    return forward_responses(self.policy, roll.query_ids, roll.query_lengths, roll.response_ids, self.task.temperature).logprobs
-            return forward_responses(self.rho, roll.query_ids, roll.query_lengths, roll.response_ids, self.task.temperature).logprobs
+        """(B, R) rho's tempered log-probs of the sampled responses."""
+        model = self.policy if self.rho is None else self.rho
+        off = self.policy.disable_adapter() if self.rho is None else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            return torch.cat([forward_responses(model, roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s],
+                                                self.task.temperature).logprobs for s in self._chunks(len(roll))])
 
     def _score(self, roll: Rollout, reward) -> torch.Tensor:
         """Scores (B,) of truncated responses; the task's penalty where no truncation token was found."""
@@ -233,7 +243,7 @@ class PPOTrainer:
             raise RuntimeError("This trainer has no reward yet: set trainer.reward to a RewardModel or a function, "
                                "or call OnlineLoop.refit() to fit one on the labels so far.")
         if isinstance(reward, RewardModel):
-            scores = reward.score_rollout(roll).float().to(self.device)
+            scores = reward.score_rollout(roll, batch_size=self._chunk_size(len(roll))).float().to(self.device)
         else:
             scores = torch.as_tensor(reward(roll.query_texts, roll.response_texts), dtype=torch.float32, device=self.device)
             if scores.shape != (len(roll),):
@@ -273,7 +283,9 @@ class PPOTrainer:
         #    must come from the same kind of pass.
         ref_logprobs = self._rho_logprobs(roll)  # (B, R)
         with torch.no_grad():
-            old_logprobs, old_values, _ = self._policy_and_values(roll.query_ids, roll.query_lengths, roll.response_ids)
+            old = [self._policy_and_values(roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s])
+                   for s in self._chunks(len(roll))]
+            old_logprobs, old_values = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])  # (B, R) each
         t_score = time.time()
 
         # 4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten keeping the mean

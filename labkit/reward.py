@@ -131,10 +131,14 @@ class RewardModel(nn.Module):
         return torch.cat(out)
 
     @torch.no_grad()
-    def score_rollout(self, rollout) -> torch.Tensor:
-        """Normalised rewards (B,) of a rollout's truncated responses, on its own tokens."""
+    def score_rollout(self, rollout, batch_size: int | None = None) -> torch.Tensor:
+        """Normalised rewards (B,) of a rollout's truncated responses, on its own tokens, `batch_size` at a
+        time (None: all at once)."""
         lengths = rollout.truncated_lengths.clamp(min=1)
-        return self(rollout.query_ids, rollout.query_lengths, rollout.truncated_ids, lengths)
+        step = batch_size or len(rollout)
+        return torch.cat([self(rollout.query_ids[i : i + step], rollout.query_lengths[i : i + step],
+                               rollout.truncated_ids[i : i + step], lengths[i : i + step])
+                          for i in range(0, len(rollout), step)])
 
     # ---- normalisation -----------------------------------------------------------------------
 

@@ -202,8 +202,10 @@ def forward_responses(
     mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)
     hidden = trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
     h = hidden[:, Q - 1 : Q + R - 1]  # (B, R, H)
-    logits = head(h).float() / temperature  # (B, R, V)
+    # in place: the head's output is not needed for backward, so only log_softmax's (B, R, V) output stays alive
+    logits = head(h).float().div_(temperature)  # (B, R, V)
     logp_all = F.log_softmax(logits, dim=-1)
+    del logits
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if want_entropy:  # a metric only: computed outside the graph so it holds no (B, R, V) tensors for backward

@@ -72,9 +72,11 @@ def test_a_reward_for_one_token_moves_the_policy_in_the_right_direction(sign):
     assert all(torch.equal(p, params0[n]) for n, p in trainer.rho.named_parameters())
 
 
-def test_huge_beta_with_zero_reward_keeps_the_policy_at_rho():
+@pytest.mark.parametrize("micro", [None, 4])  # 4: scoring passes and training in chunks of 4 rollouts
+def test_huge_beta_with_zero_reward_keeps_the_policy_at_rho(micro):
     model, tok = peaky_tiny()
-    trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS, config(init_beta=1e3))
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS,
+                         config(init_beta=1e3, micro_batch_size=micro))
     trainer.train(4, progress=False)
     assert abs(sequence_kl(trainer, 8)) < 1e-4
 

@@ -7,8 +7,8 @@ human is VADER (`VaderLabeler`, id "mock:vader"), and the four phases are:
   1. labels  sample 4 responses per TRAIN prompt from rho (the embedded model, task temperature 0.7),
              store them in a LabelStore (<out>/labels.db) and have VADER pick the most positive one; it
              skips a comparison whose best score is tied (mostly several 0.0s), as a person would;
-  2. reward  a reward model (fresh head on a copy of rho) normalised on rho's samples, trained one epoch
-             on those labels, normalised again; held-out 4-way accuracy (chance 0.25) is reported;
+  2. reward  a reward model (fresh head on a copy of rho) normalised on rho's samples, trained --rm-epochs
+             epochs on those labels, normalised again; held-out 4-way accuracy (chance 0.25) is reported;
   3. ppo     PPO of a copy of rho against the REWARD MODEL (never against VADER) with the KL penalty and
              the adaptive KL controller;
   4. eval    VALIDATION prompts, several samples each with fixed seeds: mean VADER compound of rho's
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-batch", type=int, default=32, help="sequences sampled at once (all phases)")
     # reward model
     p.add_argument("--rm-batch", type=int, help="comparisons per reward-model step")
-    p.add_argument("--rm-lr", type=float, help="reward-model peak learning rate (linear decay to 0, one epoch)")
+    p.add_argument("--rm-lr", type=float, help="reward-model peak learning rate (linear decay to 0 over all epochs)")
     p.add_argument("--rm-epochs", type=int, help="passes over the labels (the paper: 1; 2 in the full run, see above)")
     p.add_argument("--rm-train-layers", type=int, help="top transformer layers trained in the reward model; -1 = all")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of labels kept out to measure accuracy")

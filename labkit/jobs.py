@@ -45,7 +45,7 @@ class RewardJob:
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Training settings; `reward.batch_size` is per optimiser step over ALL processes (each takes a share)."""
     dtype: str | None = None
-    """Model dtype, e.g. "float32" or "bfloat16"; None = labkit's choice (bf16 on a GPU that has it, else fp32)."""
+    """Weights' dtype, e.g. "float32" or "bfloat16"; None = fp32 (on a GPU the matmuls still run in bf16 autocast)."""
 
     def save(self, path) -> Path:
         return _save(self, "train-reward", path)

@@ -120,7 +120,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden):
-        return self.linear(hidden).squeeze(-1).float()
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()  # bf16 hidden under CUDA autocast
 
 
 class SeparateValueModel(nn.Module):
@@ -136,7 +136,7 @@ class SeparateValueModel(nn.Module):
 
     def forward(self, query_ids, query_lengths, response_ids, temperature):
         out = forward_responses(self.lm, query_ids, query_lengths, response_ids, temperature, want_hidden=True)
-        return self.head(out.hidden).squeeze(-1).float()  # (B, R)
+        return self.head(out.hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, R)
 
 
 def _as_prompt_texts(prompts) -> list[str]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from labkit import distributed
 from labkit.optim import linear_decay_scheduler, make_optimizer
-from labkit.sampling import left_pad_mask, pad_left, positions, sample, unwrap
+from labkit.sampling import autocast_for, left_pad_mask, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
 
 
@@ -89,7 +89,8 @@ class RewardModel(nn.Module):
     def trunk_hidden(self, input_ids, attention_mask):
         base = unwrap(self.lm)
         trunk = getattr(base, base.base_model_prefix)
-        return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+        with autocast_for(input_ids.device):
+            return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
 
     def raw(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         """head(h) at the last real token, (B,), before gain and bias.
@@ -105,7 +106,7 @@ class RewardModel(nn.Module):
         hidden = self.trunk_hidden(torch.cat([query_ids, response_ids], 1), mask)  # (B, Q+R, H)
         last = Q + response_lengths - 1  # the last real token, not the first pad after it
         h = hidden[torch.arange(B, device=hidden.device), last]  # (B, H)
-        return self.head(h).squeeze(-1).float()
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # bf16 hidden under CUDA autocast
 
     def forward(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         return self.gain * self.raw(query_ids, query_lengths, response_ids, response_lengths) + self.bias

@@ -11,6 +11,7 @@ Conventions (shapes): B batch, Q query length (left-padded), R response length, 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,18 @@ def sample(
     )
 
 
+def autocast_for(device):
+    """bf16 autocast on a CUDA device that supports it (weights stay fp32, see `models.pick_dtype`), else a no-op.
+
+    Every call of a trunk or head in labkit runs inside it, so training steps and no-grad scoring passes use
+    the same precision and both sides of a ratio or a KL come from the same kind of pass.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _trunk_and_head(model):
     """The transformer trunk (embeddings .. final norm) and the vocabulary head of a causal LM."""
     base = unwrap(model)
@@ -151,24 +164,25 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
     B, Q = query_ids.shape
     mask = left_pad_mask(query_lengths, Q)
     pos = positions(mask)
-    out = trunk(input_ids=query_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    h = out.last_hidden_state[:, -1]  # (B, H): predicts response token 0
     tokens = torch.empty(B, R, dtype=torch.long, device=query_ids.device)
     logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     cache_arg = _cache_argument(trunk)
-    for t in range(R):
-        logp = F.log_softmax(head(h).float() / temperature, dim=-1)  # (B, V)
-        tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
-        tokens[:, t] = tok[:, 0]
-        logprobs[:, t] = logp.gather(-1, tok)[:, 0]
-        if t == R - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        cache = out.cache if cache_arg == "cache" else out.past_key_values
-        out = trunk(input_ids=tok, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_arg: cache})
-        h = out.last_hidden_state[:, -1]
-        next_pos = next_pos + 1
+    with autocast_for(query_ids.device):
+        out = trunk(input_ids=query_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        h = out.last_hidden_state[:, -1]  # (B, H): predicts response token 0
+        for t in range(R):
+            logp = F.log_softmax(head(h).float() / temperature, dim=-1)  # (B, V)
+            tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+            tokens[:, t] = tok[:, 0]
+            logprobs[:, t] = logp.gather(-1, tok)[:, 0]
+            if t == R - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            cache = out.cache if cache_arg == "cache" else out.past_key_values
+            out = trunk(input_ids=tok, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_arg: cache})
+            h = out.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
     return tokens, logprobs
 
 
@@ -200,10 +214,11 @@ def forward_responses(
     R = response_ids.shape[1]
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
     mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)
-    hidden = trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-    h = hidden[:, Q - 1 : Q + R - 1]  # (B, R, H)
-    # in place: the head's output is not needed for backward, so only log_softmax's (B, R, V) output stays alive
-    logits = head(h).float().div_(temperature)  # (B, R, V)
+    with autocast_for(input_ids.device):
+        hidden = trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+        h = hidden[:, Q - 1 : Q + R - 1]  # (B, R, H)
+        # in place: the head's output is not needed for backward, so only log_softmax's (B, R, V) output stays alive
+        logits = head(h).float().div_(temperature)  # (B, R, V)
     logp_all = F.log_softmax(logits, dim=-1)
     del logits
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)

@@ -33,6 +33,8 @@ def test_device_and_dtype_choice():
     cpu = pick_device("cpu")
     assert cpu.type == "cpu" and pick_dtype(cpu) == torch.float32
     assert pick_dtype(cpu, "bfloat16") == torch.bfloat16
+    # fp32 master weights on a GPU too: bf16 compute comes from autocast, not from the weights
+    assert pick_dtype(torch.device("cuda")) == torch.float32
     assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 

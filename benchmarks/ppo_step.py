@@ -12,7 +12,9 @@ Q = query, R = response, T = Q + R, E = PPO epochs:
               reward model: 2*N*B*T; separate value model: + 2*N*B*T
   training    E * 3 * (2*N*B*T + 2*H*B*R)  (forward + backward = 3x forward);
               separate value model: + E * 3 * 2*N*B*T; LoRA: backward ~1x forward (no weight grads), so 2x
-and divides by the measured time and an fp32 matmul peak measured in this process.
+and divides by the measured time and a matmul peak measured in this process on the model's device, in the
+dtype the matmuls run in: fp32 on CPU; bf16 on CUDA (fp32 weights, bf16 autocast), where the peak is that of
+large 8192^3 products, so a 135M model's small matmuls reach only a few percent of it.
 
     python benchmarks/ppo_step.py                      # shared value head (the paper's default)
     python benchmarks/ppo_step.py --value separate     # TRL's design: a separate value model
@@ -30,13 +32,19 @@ import time
 import torch
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """Matrix-product GFLOP/s on this device and dtype: 2048^2 on CPU, 8192^2 on CUDA."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
@@ -78,9 +86,10 @@ def main():
     from labkit.reward import reward_model_from_lm
     from labkit.tasks import SENTIMENT
 
-    peak = matmul_peak_gflops()
     policy, tok = load_lm(args.model)
-    device = next(policy.parameters()).device
+    device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else dtype
+    peak = matmul_peak_gflops(device, compute_dtype)
     # Exact shapes: queries of exactly `--query` tokens (no sentence trimming), `--response` new tokens.
     task = SENTIMENT.with_(query_length=args.query, response_length=args.response, start_after=None, end_at=None)
     passages = [p.text for p in load_prompts(task, "all")]
@@ -106,12 +115,15 @@ def main():
     flops = update_flops(N, H, args.batch, args.query, args.response, args.epochs, args.value, args.lora_r > 0)
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
-        "benchmark": "ppo_step", "model": args.model, "device": str(device), "value": args.value, "lora_r": args.lora_r,
+        "benchmark": "ppo_step", "model": args.model, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "value": args.value, "lora_r": args.lora_r,
         "batch": args.batch, "query": args.query, "response": args.response, "epochs": args.epochs,
         "micro_batch": args.micro_batch, "threads": args.threads,
         "seconds_per_update": round(med, 2), "episodes_per_s": round(args.batch / med, 3),
         "generation_s": round(split["generation"], 2), "scoring_s": round(split["scoring"], 2),
         "optimization_s": round(split["optimization"], 2), "peak_rss_gib": round(peak_rss_gib, 2),
+        **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.type == "cuda" else {}),
         "flops_per_update": f"{flops['total']:.3e}", "matmul_peak_gflops": round(peak, 1),
         "achieved_gflops": round(flops["total"] / med / 1e9, 1), "mfu": round(flops["total"] / med / (peak * 1e9), 3),
         "flop_formula": "N=%d trunk matmul params, H=%d head params; see the module docstring" % (N, H),

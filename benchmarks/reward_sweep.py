@@ -1,0 +1,108 @@
+"""Reward-model settings on stored labels: held-out 4-way accuracy for each setting and seed.
+
+Trains a fresh reward model (new head on a copy of rho, as `mock_sentiment.py` does) for every
+(setting, seed) on the first --n-labels labeled comparisons of a label store, and prints one JSON line per
+run: the setting, held-out accuracy and loss (chance 0.25 / 1.386), the last quarter's training loss and
+the seconds. A seed also picks its own held-out split, so the spread over seeds is the measurement noise
+of a 100-comparison held-out set plus the training noise. The last line is a JSON summary: mean accuracy
+per setting.
+
+    python benchmarks/mock_sentiment.py --out runs/mock_full            # makes runs/mock_full/labels.db
+    python benchmarks/reward_sweep.py runs/mock_full/labels.db --seeds 0 1 2 \
+        --settings lr=1e-4,epochs=2,layers=8 lr=6e-4,epochs=1,layers=16 lr=1e-4,epochs=2,layers=-1
+
+On a CPU one run costs what the mock run's reward phase costs (10-25 minutes); on a GPU seconds. The
+numbers in `mock_sentiment.py`'s docstring came from this sweep on an H100 with `--dtype float32`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mock_sentiment  # noqa: E402  (freeze_lower_layers: the same partial freezing as the mock run)
+
+KEYS = {"lr": float, "epochs": int, "layers": int, "batch": int}
+
+
+def parse_setting(text: str) -> dict:
+    """"lr=6e-4,epochs=1,layers=16" -> {"lr": 6e-4, "epochs": 1, "layers": 16, "batch": 16}."""
+    setting = {"batch": 16}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in KEYS or not value:
+            raise SystemExit(f"bad setting {text!r}: use key=value pairs separated by commas, keys {sorted(KEYS)}")
+        setting[key] = KEYS[key](value)
+    missing = {"lr", "epochs", "layers"} - setting.keys()
+    if missing:
+        raise SystemExit(f"setting {text!r} lacks {sorted(missing)}")
+    return setting
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("labels", help="a label store (labels.db) with labeled sentiment comparisons")
+    p.add_argument("--n-labels", type=int, default=1000, help="use the first N labeled comparisons")
+    p.add_argument("--settings", nargs="+", default=["lr=1e-4,epochs=2,layers=8", "lr=6e-4,epochs=1,layers=16"],
+                   help="key=value,... with lr, epochs, layers (-1 = all) and optionally batch")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default=None, help="weights' dtype (default fp32; CUDA runs matmuls in bf16 autocast)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    settings = [parse_setting(s) for s in args.settings]
+    if not Path(args.labels).exists():
+        raise SystemExit(f"{args.labels} does not exist: run benchmarks/mock_sentiment.py first, or pass a label store")
+    torch.set_num_threads(args.threads)
+
+    from labkit.data import load_prompts
+    from labkit.labels import LabelStore
+    from labkit.models import load_lm
+    from labkit.reward import KWayExample, RewardConfig, RewardTrainer, reward_model_from_lm
+    from labkit.tasks import SENTIMENT
+
+    prompts = [p.text for p in load_prompts(SENTIMENT, "train")]
+    rho, tok = load_lm(args.model, dtype=args.dtype)
+    rho.requires_grad_(False)
+    with LabelStore(args.labels) as store:
+        pairs = store.training_set(task=SENTIMENT.name, kind="train")[: args.n_labels]
+    examples = [KWayExample(c.query, list(c.responses), lab.best) for c, lab in pairs]
+    if not examples:
+        raise SystemExit(f"{args.labels} holds no labeled sentiment comparisons")
+
+    accuracies: dict[str, list[float]] = {}
+    for setting in settings:
+        name = ",".join(f"{k}={v}" for k, v in setting.items())
+        for seed in args.seeds:
+            t0 = time.time()
+            torch.manual_seed(seed)  # the head's init
+            rm = reward_model_from_lm(rho, tok)
+            mock_sentiment.freeze_lower_layers(rm, setting["layers"])
+            rm.normalize(rho, SENTIMENT, prompts, n_samples=64, seed=seed + 11, batch_size=32)
+            cfg = RewardConfig(lr=setting["lr"], batch_size=setting["batch"], epochs=setting["epochs"],
+                               heldout_fraction=0.1, eval_every=10**9, seed=seed)
+            history = RewardTrainer(rm, cfg).fit(examples, progress=False)
+            losses = [m["rm/loss"] for m in history]
+            record = {"setting": name, "seed": seed, "n_labels": len(examples),
+                      "heldout_accuracy": round(history[-1]["rm/heldout_accuracy"], 3),
+                      "heldout_loss": round(history[-1]["rm/heldout_loss"], 3),
+                      "train_loss_last_quarter": round(statistics.mean(losses[-max(1, len(losses) // 4):]), 3),
+                      "seconds": round(time.time() - t0, 1)}
+            print(json.dumps(record), flush=True)
+            accuracies.setdefault(name, []).append(record["heldout_accuracy"])
+            del rm
+    summary = {"benchmark": "reward_sweep", "model": args.model, "device": str(rho.device), "n_labels": len(examples),
+               "seeds": args.seeds, "mean_heldout_accuracy": {k: round(statistics.mean(v), 3) for k, v in accuracies.items()}}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -82,7 +82,7 @@ def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
     # 2. rho and a fresh reward model on a copy of it; the same initial head on every process
     torch.manual_seed(cfg.seed)
     rho, tokenizer = load_lm(job.model, device=device, dtype=job.dtype)
-    rm = reward_model_from_lm(rho, tokenizer)
+    rm = reward_model_from_lm(rho, tokenizer, seed=cfg.seed)
     rho.requires_grad_(False)
     distributed.broadcast_parameters(rm.parameters())
     texts = [p.text for p in load_prompts(task, split=job.prompt_split, source=job.prompt_source)]

@@ -174,7 +174,7 @@ class OnlineLoop:
         examples = self._examples()
         texts = [_text(p) for p in self.prompts]
         # 1. a fresh head on a copy of rho, normalised on rho's samples so that beta keeps its meaning
-        rm = reward_model_from_lm(self.rho_lm, self.tokenizer)
+        rm = reward_model_from_lm(self.rho_lm, self.tokenizer, seed=cfg.seed + len(self.fits))
         rm.normalize(self.rho_lm, self.task, texts, n_samples=cfg.normalize_samples, seed=cfg.seed)
         # 2. fit on every label so far, then normalise again
         run = RewardTrainer(rm, cfg).fit(examples, dashboard=dashboard, progress=False)

@@ -69,14 +69,18 @@ def examples_from_store(store, task: str | None = None, kind: str | None = None)
 class RewardModel(nn.Module):
     """r(x, y) = gain * head(h_last) + bias on top of a causal LM's trunk (its vocabulary head is unused)."""
 
-    def __init__(self, lm, tokenizer):
+    def __init__(self, lm, tokenizer, seed: int | None = None):
+        """seed: the head's init (None: torch's global RNG); refits pass one so that they are reproducible."""
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
         d_model = lm.config.hidden_size
         p = next(lm.parameters())
-        self.head = nn.Linear(d_model, 1, device=p.device, dtype=p.dtype)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d_model + 1))
+        # skip_init: nn.Linear's own init would draw from the global RNG even when a seed is given
+        self.head = nn.utils.skip_init(nn.Linear, d_model, 1, device=p.device, dtype=p.dtype)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():  # drawn on the CPU, so one seed gives one head on every device
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen) / math.sqrt(d_model + 1))
         nn.init.zeros_(self.head.bias)
         # Set by `normalize`, not by gradient descent.
         self.register_buffer("gain", torch.ones((), device=p.device))
@@ -325,8 +329,9 @@ class RewardTrainer:
         return run
 
 
-def reward_model_from_lm(lm, tokenizer) -> RewardModel:
-    """A fresh reward model (new head) on a copy of `lm`: the paper re-initialises from rho on every refit."""
+def reward_model_from_lm(lm, tokenizer, seed: int | None = None) -> RewardModel:
+    """A fresh reward model (new head, drawn from `seed`) on a copy of `lm`: the paper re-initialises from rho
+    on every refit."""
     import copy
 
-    return RewardModel(copy.deepcopy(lm), tokenizer)
+    return RewardModel(copy.deepcopy(lm), tokenizer, seed=seed)

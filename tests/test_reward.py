@@ -18,6 +18,16 @@ def test_head_init_and_gain_bias(tiny):
     assert not any(n in ("gain", "bias") for n, _ in rm.named_parameters())  # set by normalisation only
 
 
+def test_a_seeded_head_is_reproducible_and_leaves_the_global_rng_alone(tiny):
+    model, tok = tiny
+    state = torch.random.get_rng_state()
+    a, b, c = (reward_model_from_lm(model, tok, seed=s) for s in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+    d = model.config.hidden_size
+    assert abs(a.head.weight.std().item() - 1 / math.sqrt(d + 1)) < 0.5 / math.sqrt(d + 1)
+
+
 def test_score_is_read_at_the_last_real_token(tiny):
     """Trailing pads after the response must not change the reward; the last real token must."""
     model, tok = tiny

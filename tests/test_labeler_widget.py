@@ -11,6 +11,7 @@ from labkit.data import Prompt
 from labkit.labels import LabelStore
 from labkit.tasks import SENTIMENT, TruncationRule
 from labkit.widgets import ComparisonLabeler
+from labkit.widgets.labeler import response_html
 
 TASK = SENTIMENT.name
 
@@ -245,3 +246,10 @@ def test_make_policy_vs_rho_stores_blind_pairs(tmp_path):
     comps = [store.comparison(i) for i in ids]
     assert [c.sources for c in comps] == [["rho", "policy@0"]] * 2 and {c.kind for c in comps} == {"eval"}
     assert all(len(c.responses) == 2 and len(c.response_tokens[0]) == 4 for c in comps)
+
+
+def test_leading_line_breaks_are_marks_not_blank_lines():
+    shown = response_html("\n\nHello <b>", "\n\nHello <b> and more", True)
+    assert "↵↵ </span><span>Hello &lt;b&gt;</span>" in shown and "\n" not in shown.split("↵↵")[1].split("[cut]")[0]
+    assert "and more" in shown  # the cut remainder still follows
+    assert "↵" not in response_html("Hello\n\nthere", None, True)  # only leading breaks become marks

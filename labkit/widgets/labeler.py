@@ -425,8 +425,15 @@ def prompt_html(query: str) -> str:
 
 
 def response_html(kept: str, full: str | None, found: bool | None) -> str:
-    """One response: the kept (truncated) text, then what truncation cut away in grey, struck through."""
-    parts = [f"<span>{html.escape(kept)}</span>"]
+    """One response: the kept (truncated) text, then what truncation cut away in grey, struck through.
+
+    Leading line breaks are shown as grey marks: rendered as blank lines they push the text out of view,
+    yet the labeler should still see that the response starts with them.
+    """
+    body = kept.lstrip("\n")
+    breaks = len(kept) - len(body)
+    parts = [f"<span style='color:#999' title='starts with {breaks} line break(s)'>{'↵' * breaks} </span>"] if breaks else []
+    parts.append(f"<span>{html.escape(body)}</span>")
     if full is not None and full != kept:
         # Decoding the kept tokens alone can differ from the full text's prefix at a token boundary;
         # then show the whole untruncated text instead of a wrong remainder.

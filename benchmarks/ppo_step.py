@@ -19,6 +19,7 @@ large 8192^3 products, so a 135M model's small matmuls reach only a few percent 
     python benchmarks/ppo_step.py                      # shared value head (the paper's default)
     python benchmarks/ppo_step.py --value separate     # TRL's design: a separate value model
     python benchmarks/ppo_step.py --lora-r 16
+    python benchmarks/ppo_step.py --bf16-autocast     # CPU: fp32 weights, bf16 matmuls (AVX512-BF16 / AMX)
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main():
     p.add_argument("--lora-r", type=int, default=0)
     p.add_argument("--updates", type=int, default=4, help="measured updates after one warm-up (median reported)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16-autocast", action="store_true",
+                   help="bf16 matmuls on a CPU too (weights stay fp32); on CUDA they are the default")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -86,10 +89,12 @@ def main():
     from labkit.reward import reward_model_from_lm
     from labkit.tasks import SENTIMENT
 
-    policy, tok = load_lm(args.model)
+    policy, tok = load_lm(args.model, bf16_autocast=True if args.bf16_autocast else None)
     device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else dtype
+    bf16 = args.bf16_autocast or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    compute_dtype = torch.bfloat16 if bf16 else dtype
     peak = matmul_peak_gflops(device, compute_dtype)
+    fp32_peak = matmul_peak_gflops(device, torch.float32) if compute_dtype != torch.float32 else peak
     # Exact shapes: queries of exactly `--query` tokens (no sentence trimming), `--response` new tokens.
     task = SENTIMENT.with_(query_length=args.query, response_length=args.response, start_after=None, end_at=None)
     passages = [p.text for p in load_prompts(task, "all")]
@@ -125,6 +130,7 @@ def main():
         "optimization_s": round(split["optimization"], 2), "peak_rss_gib": round(peak_rss_gib, 2),
         **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.type == "cuda" else {}),
         "flops_per_update": f"{flops['total']:.3e}", "matmul_peak_gflops": round(peak, 1),
+        "fp32_matmul_peak_gflops": round(fp32_peak, 1),
         "achieved_gflops": round(flops["total"] / med / 1e9, 1), "mfu": round(flops["total"] / med / (peak * 1e9), 3),
         "flop_formula": "N=%d trunk matmul params, H=%d head params; see the module docstring" % (N, H),
     }

@@ -48,7 +48,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 def pick_dtype(device: torch.device, dtype: torch.dtype | str | None = None) -> torch.dtype:
     """The weights' dtype: fp32 unless asked otherwise, on every device.
 
-    On CUDA the matmuls still run in bf16 (`sampling.autocast_for`): fp32 weights are the master copy that
+    On CUDA the matmuls still run in bf16 (`sampling.autocast_for`; on a CPU when asked): fp32 weights are the master copy that
     Adam updates. Pure bf16 weights round a small step away (lr 5e-5 on a weight of 0.05 is below bf16's
     resolution there): a mock-sentiment PPO run on an H100 with bf16 weights reached KL 0.2 in 30 updates
     where fp32 reaches 5. On CPU bf16 matmuls are slow and lossy.
@@ -180,11 +180,14 @@ def tiny_config(vocab_size: int):
     )
 
 
-def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0):
+def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_autocast: bool | None = None):
     """Return `(model, tokenizer)` ready for labkit: eval mode, dropout off, left-padding tokenizer.
 
     name: "smollm2-135m" (embedded, offline), "tiny" (random 2-layer model with SmolLM2's tokenizer, for
     tests; `seed` fixes its weights), a Hugging Face id such as "gpt2" / "gpt2-large", or a local folder.
+    bf16_autocast: run the matmuls in bf16 while the weights stay `dtype` (see `sampling.autocast_for`);
+    None = on for a CUDA device with bf16, off on a CPU. True on a CPU with AVX512-BF16 or AMX: bf16
+    matmuls ran 2.3x faster than fp32 on this project's 2-core AMD EPYC (benchmarks/README.md).
     """
     from transformers import AutoModelForCausalLM
 
@@ -220,6 +223,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device=dev, dtype=dt)
+    model.labkit_bf16_autocast = bf16_autocast  # read by sampling.autocast_for; copies of the model keep it
     model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
     return model, tokenizer
 

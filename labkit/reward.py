@@ -93,7 +93,7 @@ class RewardModel(nn.Module):
     def trunk_hidden(self, input_ids, attention_mask):
         base = unwrap(self.lm)
         trunk = getattr(base, base.base_model_prefix)
-        with autocast_for(input_ids.device):
+        with autocast_for(self.lm):
             return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
 
     def raw(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:

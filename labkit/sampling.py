@@ -130,16 +130,19 @@ def sample(
     )
 
 
-def autocast_for(device):
-    """bf16 autocast on a CUDA device that supports it (weights stay fp32, see `models.pick_dtype`), else a no-op.
+def autocast_for(model):
+    """The precision `model`'s matmuls run in: bf16 autocast (weights stay fp32, see `models.pick_dtype`) or none.
 
-    Every call of a trunk or head in labkit runs inside it, so training steps and no-grad scoring passes use
-    the same precision and both sides of a ratio or a KL come from the same kind of pass.
+    The model's `labkit_bf16_autocast` (set by `load_lm`; copies keep it) decides; unset or None means on for
+    a CUDA device with bf16 and off on a CPU. Every call of a trunk or head in labkit runs inside this, so
+    training steps and no-grad scoring passes use the same precision and both sides of a ratio or a KL come
+    from the same kind of pass.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    device = next(model.parameters()).device
+    wanted = getattr(unwrap(model), "labkit_bf16_autocast", None)
+    if wanted is None:
+        wanted = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
 
 
 def _trunk_and_head(model):
@@ -168,7 +171,7 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
     logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     cache_arg = _cache_argument(trunk)
-    with autocast_for(query_ids.device):
+    with autocast_for(model):
         out = trunk(input_ids=query_ids, attention_mask=mask, position_ids=pos, use_cache=True)
         h = out.last_hidden_state[:, -1]  # (B, H): predicts response token 0
         for t in range(R):
@@ -214,7 +217,7 @@ def forward_responses(
     R = response_ids.shape[1]
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
     mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)
-    with autocast_for(input_ids.device):
+    with autocast_for(model):
         hidden = trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
         h = hidden[:, Q - 1 : Q + R - 1]  # (B, R, H)
         # in place: the head's output is not needed for backward, so only log_softmax's (B, R, V) output stays alive

@@ -81,6 +81,25 @@ def test_huge_beta_with_zero_reward_keeps_the_policy_at_rho(micro):
     assert abs(sequence_kl(trainer, 8)) < 1e-4
 
 
+def test_bf16_autocast_on_a_cpu_still_learns_and_still_keeps_rho_under_a_huge_beta():
+    # fp32 weights, bf16 matmuls (load_lm(..., bf16_autocast=True)): the rollout's scoring passes and the
+    # training passes must stay the same kind of pass, or rounding noise becomes a training signal
+    model, tok = peaky_tiny()
+    model.labkit_bf16_autocast = True
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS, config(init_beta=1e3))
+    assert trainer.rho.labkit_bf16_autocast  # the frozen copy runs in the same precision
+    trainer.train(4, progress=False)
+    assert abs(sequence_kl(trainer, 8)) < 1e-3
+    model, tok = peaky_tiny()
+    model.labkit_bf16_autocast = True
+    before = dot_freq(model, tok)
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS, config())
+    history = trainer.train(6, progress=False)
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # master weights stay fp32
+    assert all(math.isfinite(m["loss/policy_avg"]) for m in history)
+    assert dot_freq(trainer.policy, tok) > before + 0.15
+
+
 def test_the_kl_penalty_pulls_a_perturbed_policy_back_toward_rho():
     model, tok = peaky_tiny()
     trainer = PPOTrainer(model, tok, task(1), lambda q, r: [0.0] * len(r), PROMPTS, config(init_beta=1.0))

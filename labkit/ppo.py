@@ -120,7 +120,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden):
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()  # bf16 hidden under CUDA autocast
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()  # hidden is bf16 under autocast
 
 
 class SeparateValueModel(nn.Module):

@@ -110,7 +110,7 @@ class RewardModel(nn.Module):
         hidden = self.trunk_hidden(torch.cat([query_ids, response_ids], 1), mask)  # (B, Q+R, H)
         last = Q + response_lengths - 1  # the last real token, not the first pad after it
         h = hidden[torch.arange(B, device=hidden.device), last]  # (B, H)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # bf16 hidden under CUDA autocast
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # h is bf16 under autocast
 
     def forward(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         return self.gain * self.raw(query_ids, query_lengths, response_ids, response_lengths) + self.bias

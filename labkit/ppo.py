@@ -41,7 +41,7 @@ from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean
 from labkit.kl_controller import AdaptiveKLController, FixedKLController
 from labkit.optim import linear_decay_scheduler, make_optimizer
 from labkit.reward import RewardModel
-from labkit.sampling import Rollout, forward_responses, sample, unwrap
+from labkit.sampling import Rollout, batch_slices, forward_responses, sample, unwrap
 from labkit.tasks import Task, format_query, get_task
 
 RewardFn = Callable[[list[str], list[str]], "list[float] | torch.Tensor"]
@@ -226,8 +226,7 @@ class PPOTrainer:
         return self.config.micro_batch_size or self.config.minibatch_size or n
 
     def _chunks(self, n: int) -> list[slice]:
-        size = self._chunk_size(n)
-        return [slice(i, i + size) for i in range(0, n, size)]
+        return batch_slices(n, self._chunk_size(n))
 
     def _rho_logprobs(self, roll: Rollout) -> torch.Tensor:
         """(B, R) rho's tempered log-probs of the sampled responses."""

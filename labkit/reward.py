@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from labkit import distributed
 from labkit.optim import linear_decay_scheduler, make_optimizer
-from labkit.sampling import autocast_for, left_pad_mask, pad_left, positions, sample, unwrap
+from labkit.sampling import autocast_for, batch_slices, left_pad_mask, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
 
 
@@ -140,10 +140,8 @@ class RewardModel(nn.Module):
         """Normalised rewards (B,) of a rollout's truncated responses, on its own tokens, `batch_size` at a
         time (None: all at once)."""
         lengths = rollout.truncated_lengths.clamp(min=1)
-        step = batch_size or len(rollout)
-        return torch.cat([self(rollout.query_ids[i : i + step], rollout.query_lengths[i : i + step],
-                               rollout.truncated_ids[i : i + step], lengths[i : i + step])
-                          for i in range(0, len(rollout), step)])
+        return torch.cat([self(rollout.query_ids[s], rollout.query_lengths[s], rollout.truncated_ids[s], lengths[s])
+                          for s in batch_slices(len(rollout), batch_size)])
 
     # ---- normalisation -----------------------------------------------------------------------
 

@@ -130,6 +130,12 @@ def sample(
     )
 
 
+def batch_slices(n: int, size: int | None) -> list[slice]:
+    """Slices of at most `size` rows covering range(n) (None: one slice)."""
+    size = size or max(n, 1)
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
 def autocast_for(model):
     """The precision `model`'s matmuls run in: bf16 autocast (weights stay fp32, see `models.pick_dtype`) or none.
 

@@ -8,7 +8,7 @@ PORT ?= 8888
 .PHONY: lab test setup setup-test chromium
 
 lab: setup
-	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(PY) -m jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup-test chromium
 	$(PY) -m pytest -q -ra

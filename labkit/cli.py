@@ -8,7 +8,8 @@ A job file is what a notebook saves with one call (labkit.jobs): `RewardJob(...)
     accelerate launch --multi_gpu --num_processes 2 -m labkit.cli ppo ppo.yaml     # no GPU: 2 CPU processes
 
 Several processes run data-parallel (labkit.distributed): each samples its share, gradients are averaged,
-batch statistics are global, and only the main process reads the label database and writes files.
+batch statistics are global, and only the main process reads the label database and writes files. Under
+an FSDP config (examples/accelerate/fsdp.yaml) the models are also sharded across the processes.
 Both commands write `metrics.jsonl` (one JSON dict per step) into their folder while they run; a notebook
 plots it live with `Dashboard.from_jsonl(path)` and `dash.refresh_from_jsonl(path)`.
 """
@@ -52,6 +53,13 @@ def _say(message: str) -> None:
         print(f"labkit: {message}", flush=True)
 
 
+def _say_layout(name: str, module) -> None:
+    """How much of `module` each process holds: all of it (data parallel) or a slice (FSDP)."""
+    local, total = distributed.local_and_total_numel(module)
+    how = "sharded with FSDP2" if distributed.sharded() else "a full copy"
+    _say(f"{name}: {local:,} of {total:,} parameters on process 0 ({how}).")
+
+
 # --------------------------------------------------------------------------------------------------
 # labkit train-reward
 
@@ -85,6 +93,9 @@ def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
     rm = reward_model_from_lm(rho, tokenizer, seed=cfg.seed)
     rho.requires_grad_(False)
     distributed.broadcast_parameters(rm.parameters())
+    distributed.shard_model(rho)  # under an FSDP launch: each process holds a slice of each (else a no-op)
+    distributed.shard_model(rm.lm)
+    _say_layout("reward model", rm)
     texts = [p.text for p in load_prompts(task, split=job.prompt_split, source=job.prompt_source)]
     # 3. normalise on rho's samples, train, normalise again (samples shared out between processes)
     before = rm.normalize(rho, task, texts, n_samples=cfg.normalize_samples, seed=cfg.seed)
@@ -97,9 +108,10 @@ def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
     if check_sync:
         summary["weights_digest"] = distributed.check_same_weights(rm.state_dict().values())
         _say(f"weights identical on {distributed.world_size()} process(es): sha256 {summary['weights_digest']}")
-    # 4. the main process writes; the others wait so that the files exist when the command returns
+    # 4. the main process writes (sharded weights are gathered first, by every process); the others wait so
+    #    that the files exist when the command returns
+    rm.save(out)
     if distributed.is_main():
-        rm.save(out)
         job.save(out / "job.yaml")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     distributed.barrier()
@@ -140,6 +152,7 @@ def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
     reward = _load_reward(job, tokenizer, device)
     prompts = load_prompts(task, split=job.prompt_split, source=job.prompt_source)
     trainer = PPOTrainer(policy, tokenizer, task, reward, prompts, cfg, run_dir=run_dir, verbose=distributed.is_main())
+    _say_layout("policy", trainer.policy)
     if distributed.is_main():
         job.save(run_dir / "job.yaml")
     remaining = job.n_updates - trainer.step_count

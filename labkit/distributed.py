@@ -1,15 +1,21 @@
 """Data parallelism over the processes that `accelerate launch` starts: small helpers on torch.distributed.
 
-labkit runs DDP-style data parallelism and nothing else:
-- every process holds full copies of the models and samples its own share of the rollouts / comparisons;
-- after each backward pass, before the optimiser step, `average_gradients` all-reduces the gradients of
-  the trainable parameters (in flat buckets), which is what DDP does. The models are not wrapped in DDP
-  because labkit calls their trunk and head separately (labkit.sampling), which would bypass DDP's hooks;
-- the statistics the paper takes over a batch (reward normalisation, reward and advantage whitening, the
-  KL fed to the controller, reported metrics) are taken over all processes' samples, so an N-process run
-  with B samples per process computes what one process with N*B samples would;
-- each process seeds its sampling with `process_seed(seed) = seed + rank * 100003` (the released code's
-  rule), and only the main process writes files.
+Two layouts, chosen by the accelerate config the job is launched with:
+- data parallel (a MULTI_GPU config, or --multi_gpu on CPUs): every process holds full copies of the
+  models; after each backward pass, before the optimiser step, `average_gradients` all-reduces the
+  gradients of the trainable parameters (in flat buckets), which is what DDP does. The models are not
+  wrapped in DDP; the explicit all-reduce computes the same average;
+- sharded (an FSDP config, fsdp_version 2): `shard_model` applies torch's FSDP2 `fully_shard` to every
+  transformer block and the whole model, so each process holds a 1/N slice of the weights, gradients and
+  Adam state; FSDP gathers a block's weights when it runs and reduce-scatters its gradients. Small
+  unsharded pieces (the value head, the reward head) are still averaged by `average_gradients`.
+In both, each process samples its own share of the rollouts / comparisons; the statistics the paper takes
+over a batch (reward normalisation, reward and advantage whitening, the KL fed to the controller,
+reported metrics) are taken over all processes' samples, so an N-process run with B samples per process
+computes what one process with N*B samples would; each process seeds its sampling with
+`process_seed(seed) = seed + rank * 100003` (the released code's rule), and only the main process writes
+files. Sharded models need every process in every forward pass, so a process with less work than the
+others runs stand-in steps (`max_over_processes`).
 
 accelerate only launches the processes and sets up the process group (`init_processes`). Every helper is
 a no-op, or the plain single-process computation, when torch.distributed is not initialised: a notebook
@@ -44,18 +50,30 @@ def init_processes() -> torch.device:
     In a plain `python` run this is a single process on the default device (CUDA if present, else CPU).
     Without CUDA the processes talk over gloo; with CUDA over NCCL, one GPU per process.
     """
-    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "false").lower() == "true":
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise RuntimeError(
+            "labkit was launched with DeepSpeed, which it does not run: it shards with FSDP2 instead. For ZeRO-2 "
+            "(sharded gradients and optimiser state) launch with `--config_file examples/accelerate/fsdp.yaml` and "
+            "`fsdp_reshard_after_forward: false`; for ZeRO-3 (parameters sharded too) keep it true. See docs/scale_out.md."
+        )
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":
             raise RuntimeError(
-                f"labkit was launched with {name}, which it does not support yet: labkit runs DDP-style data "
-                "parallelism only (full model copies on every process, gradients averaged). Launch with a "
-                "MULTI_GPU config instead, e.g. `accelerate launch --config_file examples/accelerate/ddp.yaml`. "
-                "See docs/scale_out.md."
+                "labkit shards with FSDP2 (torch's fully_shard) only; this launch asks for FSDP version "
+                f"{os.environ.get('FSDP_VERSION', '1')}. Set `fsdp_version: 2` in the accelerate config "
+                "(examples/accelerate/fsdp.yaml)."
             )
+        if _env_flag("FSDP_OFFLOAD_PARAMS"):
+            raise RuntimeError("labkit does not support `fsdp_offload_params: true` (parameters offloaded to the CPU); "
+                               "set it to false, or use LoRA (PPOConfig.lora_r) to cut memory.")
     from accelerate import PartialState
 
     cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true" or not torch.cuda.is_available()
     return PartialState(cpu=cpu).device
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
 
 
 def finish() -> None:
@@ -103,6 +121,106 @@ def _comm_device() -> torch.device:
     if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# sharding (FSDP2) under an accelerate FSDP config
+
+
+def sharded() -> bool:
+    """True when launched with an accelerate FSDP config: models are sharded across the processes (FSDP2)."""
+    return is_distributed() and _env_flag("ACCELERATE_USE_FSDP")
+
+
+def _dtensor_type():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded_tensor(t) -> bool:
+    """A parameter (or optimiser state) sharded by FSDP2: a DTensor holding this process's slice."""
+    return sharded() and isinstance(t, _dtensor_type())
+
+
+def shard_model(model) -> None:
+    """Shard `model` across the processes with FSDP2, in place, when launched with an FSDP config; else nothing.
+
+    Each transformer block (the classes in the model's `_no_split_modules`, or accelerate's
+    `fsdp_transformer_layer_cls_to_wrap`) becomes its own FSDP unit, then the whole causal LM; the tied
+    embedding and vocabulary head stay in the root unit. Every process must call this on the same models in
+    the same order, before building an optimiser on them. labkit calls every model through its own
+    `forward` (`sampling.lm_forward`), so FSDP's hooks gather a unit's parameters just before it runs and
+    free them after (`fsdp_reshard_after_forward: true`, ZeRO-3-like; false keeps them until the backward,
+    ZeRO-2-like). Gradients come back reduce-scattered (averaged) into each process's slice.
+    """
+    if not sharded():
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(base, FSDPModule):
+        return  # already sharded (a reward model handed to a second trainer)
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (world_size(),))
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    block_names = set(getattr(base, "_no_split_modules", None) or [])
+    block_names |= {n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()}
+    blocks = [m for m in base.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise RuntimeError(f"Found no transformer blocks to shard in {type(base).__name__} (looked for {sorted(block_names)}); "
+                           "name the block class with `fsdp_transformer_layer_cls_to_wrap` in the accelerate config.")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(base, mesh=mesh, reshard_after_forward=reshard)
+
+
+def local_and_total_numel(module: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this process holds, parameters of the whole model): equal unless the module is sharded."""
+    params = list(module.parameters())
+    local = sum((p.to_local() if is_sharded_tensor(p) else p).numel() for p in params)
+    return local, sum(p.numel() for p in params)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathered from every process if it is sharded (a collective: every process must
+    call it, in the same order), else `t` itself."""
+    return t.full_tensor() if is_sharded_tensor(t) else t
+
+
+def like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`full` (a whole tensor every process holds, e.g. read from a checkpoint) laid out as `target`: this
+    process's slice of it when `target` is sharded, else `full` on target's device and dtype."""
+    full = full.to(device=target.device, dtype=target.dtype)
+    if not is_sharded_tensor(target):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every process slices its own copy, no communication
+    return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state as whole CPU tensors (gathered when sharded: a collective), each shared tensor once
+    (a tied embedding and vocabulary head appear under one name), for safetensors."""
+    out, seen = {}, set()
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = full_tensor(t).detach().cpu().contiguous()
+    return out
+
+
+def max_over_processes(n: int) -> int:
+    """The largest `n` of any process: how many steps every process takes when sharded models need all of them
+    in every forward pass (a process with less work runs stand-in steps whose results it discards)."""
+    if not is_distributed():
+        return n
+    t = torch.tensor([float(n)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +322,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """
     if not is_distributed():
         return
-    params = list(params)
+    params = [p for p in params if not is_sharded_tensor(p)]  # FSDP already reduce-scattered (averaged) these
     if not params:
         return
     has_grad = torch.tensor([float(p.grad is not None) for p in params], device=_comm_device())
@@ -234,10 +352,11 @@ def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0) -> None:
 
 
 def weights_digest(tensors: Iterable[torch.Tensor]) -> str:
-    """SHA-256 of the exact bytes of the tensors, in order: equal digests mean bit-identical weights."""
+    """SHA-256 of the exact bytes of the tensors, in order: equal digests mean bit-identical weights.
+    Sharded tensors are gathered whole first (a collective)."""
     h = hashlib.sha256()
     for t in tensors:
-        data = t.detach().cpu().contiguous().reshape(-1)
+        data = full_tensor(t).detach().cpu().contiguous().reshape(-1)
         h.update(str(data.dtype).encode())
         h.update(data.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

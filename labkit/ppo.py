@@ -193,11 +193,15 @@ class PPOTrainer:
                 self.value_model = SeparateValueModel(copy.deepcopy(unwrap(policy)), ValueHead(d_model, self.device, p0.dtype).linear)
             self.value_model.requires_grad_(True).eval()
 
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        params += list((self.value_head or self.value_model).parameters())
-        self.params = params
-        distributed.broadcast_parameters(params)  # every process starts from the main process's weights
-        self.optimizer = make_optimizer(params, cfg.lr, cfg.optimizer)
+        distributed.broadcast_parameters(self._trainable())  # every process starts from the main process's weights
+        # Under an FSDP launch each model is split across the processes (a no-op otherwise). Sharding replaces
+        # the parameters, so the optimiser is built on what it leaves.
+        for model in (self.policy, self.rho, self.value_model and self.value_model.lm,
+                      reward.lm if isinstance(reward, RewardModel) else None):
+            if model is not None:
+                distributed.shard_model(model)
+        self.params = self._trainable()
+        self.optimizer = make_optimizer(self.params, cfg.lr, cfg.optimizer)
         self.scheduler = linear_decay_scheduler(self.optimizer, cfg.total_updates)
         init_beta = cfg.init_beta if cfg.init_beta is not None else self.task.init_beta
         target = self.task.kl_target if cfg.kl_target == -1.0 else cfg.kl_target
@@ -220,6 +224,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     # helpers
+
+    def _trainable(self) -> list[nn.Parameter]:
+        """What the optimiser updates: pi's trainable weights (all, or the LoRA adapters), then the value function's."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return params + list((self.value_head or self.value_model).parameters())
 
     def _chunk_size(self, n: int) -> int:
         """Rollouts per no-grad scoring forward: micro_batch_size, so that one holds one chunk's (b, R, V) logits."""
@@ -455,13 +464,14 @@ class PPOTrainer:
             f.write(json.dumps(metrics) + "\n")
 
     def state_tensors_and_meta(self) -> tuple[dict, dict]:
-        tensors = {f"param.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.params)}
+        # whole tensors: a sharded run gathers each one (every process takes part) and saves what one process would
+        tensors = {f"param.{i}": distributed.full_tensor(p).detach().contiguous().cpu() for i, p in enumerate(self.params)}
         opt_state = self.optimizer.state_dict()
         opt_meta = {"param_groups": opt_state["param_groups"], "scalars": {}}
         for pid, st in opt_state["state"].items():
             for k, v in st.items():
                 if torch.is_tensor(v) and v.dim() > 0:
-                    tensors[f"opt.{pid}.{k}"] = v.contiguous().cpu()
+                    tensors[f"opt.{pid}.{k}"] = distributed.full_tensor(v).contiguous().cpu()
                 else:
                     opt_meta["scalars"][f"{pid}.{k}"] = v.item() if torch.is_tensor(v) else v
         tensors["rng.torch_cpu"] = torch.get_rng_state()
@@ -523,12 +533,12 @@ class PPOTrainer:
                              "build the trainer with the same model, LoRA and value settings as the saved run.")
         with torch.no_grad():
             for i, p in enumerate(self.params):
-                p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))
+                p.copy_(distributed.like(tensors[f"param.{i}"], p))  # this process's slice when sharded
         state: dict = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
                 _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v.to(self.device)
+                state.setdefault(int(pid), {})[name] = distributed.like(v, self.params[int(pid)])
         for k, v in meta["optimizer"]["scalars"].items():
             pid, name = k.split(".", 1)
             state.setdefault(int(pid), {})[name] = torch.tensor(v) if name == "step" and isinstance(self.optimizer, torch.optim.Adam) else v

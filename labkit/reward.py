@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from labkit import distributed
 from labkit.optim import linear_decay_scheduler, make_optimizer
-from labkit.sampling import autocast_for, batch_slices, left_pad_mask, pad_left, positions, sample, unwrap
+from labkit.sampling import batch_slices, left_pad_mask, lm_forward, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
 
 
@@ -91,10 +91,9 @@ class RewardModel(nn.Module):
         return self.head.weight.device
 
     def trunk_hidden(self, input_ids, attention_mask):
-        base = unwrap(self.lm)
-        trunk = getattr(base, base.base_model_prefix)
-        with autocast_for(self.lm):
-            return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+        """Final hidden states (B, T, H): the LM's own forward with no logits kept (see `lm_forward`)."""
+        no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        return lm_forward(self.lm, input_ids, attention_mask, positions(attention_mask), no_logits, want_hidden=True)[1]
 
     def raw(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         """head(h) at the last real token, (B,), before gain and bias.
@@ -158,13 +157,18 @@ class RewardModel(nn.Module):
         texts = [prompts[rng.randrange(len(prompts))] for _ in range(n_samples)]
         queries = [format_query(task, t, self.tokenizer) for t in texts]
         raws = [torch.zeros(0, device=self.device)]
-        for c, i in enumerate(range(0, n_samples, batch_size)):
-            if c % distributed.world_size() != distributed.rank():
-                continue  # another process samples this chunk
+        starts = list(range(0, n_samples, batch_size))
+        mine = starts[distributed.rank() :: distributed.world_size()]  # chunk c of this process: c = rank, rank + N, ...
+        for j in range(distributed.max_over_processes(len(mine))):
+            # a process with fewer chunks samples a stand-in one and drops it: sharded models need every process
+            c = starts.index(mine[j]) if j < len(mine) else 0
+            i = starts[c]
             gen = torch.Generator(device=next(rho.parameters()).device).manual_seed(seed + c)
             roll = sample(rho, self.tokenizer, queries[i : i + batch_size], task, generator=gen)
-            raws.append(self.raw(roll.query_ids.to(self.device), roll.query_lengths.to(self.device),
-                                 roll.truncated_ids.to(self.device), roll.truncated_lengths.clamp(min=1).to(self.device)))
+            raw = self.raw(roll.query_ids.to(self.device), roll.query_lengths.to(self.device),
+                           roll.truncated_ids.to(self.device), roll.truncated_lengths.clamp(min=1).to(self.device))
+            if j < len(mine):
+                raws.append(raw)
         mean, std = distributed.global_mean_std(torch.cat(raws))  # population std over every process's samples
         std = std.clamp(min=1e-6)
         self.gain.fill_(1 / std)
@@ -174,13 +178,20 @@ class RewardModel(nn.Module):
     # ---- save / load (no pickle) ---------------------------------------------------------------
 
     def save(self, folder) -> Path:
-        from safetensors.torch import save_model
+        """Write the reward model into `folder` (the main process writes). Under sharding every process must
+        call it: the weights are gathered whole first."""
+        from safetensors.torch import save_file
 
         folder = Path(folder)
+        if not (distributed.sharded() or distributed.is_main()):
+            return folder
+        state = distributed.full_state_dict(self)  # a tied embedding / vocabulary head stored once
+        if not distributed.is_main():
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         base = unwrap(self.lm)
         base.config.to_json_file(folder / "lm_config.json")
-        save_model(self, str(folder / "reward_model.safetensors"))  # handles tied embeddings
+        save_file(state, str(folder / "reward_model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "reward_config.json").write_text(json.dumps({"format": "labkit-reward-model", "version": 1,
                                                                "gain": self.gain.item(), "bias": self.bias.item()}))
@@ -247,8 +258,11 @@ class RewardTrainer:
         bs = batch_size or self.config.batch_size
         mine = distributed.shard(examples)
         loss_sum, n_correct = 0.0, 0.0
-        for i in range(0, len(mine), bs):
+        for i in range(0, distributed.max_over_processes(len(mine)), bs):
             batch = mine[i : i + bs]
+            if not batch:  # a stand-in pass, dropped: sharded models need every process in every pass
+                self._batch_rewards(examples[:1])
+                continue
             r = self._batch_rewards(batch)
             best = torch.tensor([ex.best for ex in batch], device=r.device)
             loss, c = kway_loss(r, best)
@@ -295,14 +309,15 @@ class RewardTrainer:
                     # each process takes a share of the batch; its loss is weighted so that the gradient
                     # averaged over processes is the gradient of the mean loss over the whole batch
                     mine = distributed.shard(batch)
+                    weight = len(mine) * distributed.world_size() / len(batch)
+                    if not mine:  # a stand-in comparison with weight 0: sharded models need every process in every pass
+                        mine = batch[:1]
                     opt.zero_grad(set_to_none=True)
-                    loss_sum, n_correct = 0.0, 0.0
-                    if mine:
-                        r = self._batch_rewards(mine)
-                        best = torch.tensor([ex.best for ex in mine], device=r.device)
-                        loss, correct = kway_loss(r, best)
-                        (loss * (len(mine) * distributed.world_size() / len(batch))).backward()
-                        loss_sum, n_correct = loss.item() * len(mine), correct.sum().item()
+                    r = self._batch_rewards(mine)
+                    best = torch.tensor([ex.best for ex in mine], device=r.device)
+                    loss, correct = kway_loss(r, best)
+                    (loss * weight).backward()
+                    loss_sum, n_correct = (loss.item() * len(mine), correct.sum().item()) if weight else (0.0, 0.0)
                     distributed.average_gradients(params)
                     loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
                     lr = opt.param_groups[0]["lr"]

@@ -140,7 +140,7 @@ def autocast_for(model):
     """The precision `model`'s matmuls run in: bf16 autocast (weights stay fp32, see `models.pick_dtype`) or none.
 
     The model's `labkit_bf16_autocast` (set by `load_lm`; copies keep it) decides; unset or None means on for
-    a CUDA device with bf16 and off on a CPU. Every call of a trunk or head in labkit runs inside this, so
+    a CUDA device with bf16 and off on a CPU. Every model call in labkit (`lm_forward`) runs inside this, so
     training steps and no-grad scoring passes use the same precision and both sides of a ratio or a KL come
     from the same kind of pass.
     """
@@ -151,10 +151,11 @@ def autocast_for(model):
     return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
 
 
-def _trunk_and_head(model):
-    """The transformer trunk (embeddings .. final norm) and the vocabulary head of a causal LM."""
-    base = unwrap(model)
-    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+def is_sharded(model) -> bool:
+    """The model is split across processes by FSDP2 (labkit.distributed.shard_model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
 
 
 def _cache_argument(module) -> str:
@@ -164,34 +165,50 @@ def _cache_argument(module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden: bool = False, cache=None,
+               use_cache: bool = False):
+    """One call of the causal LM's own `forward`: logits only at the positions in `keep`, and optionally the
+    final hidden states. Returns (logits (B, K, V), hidden (B, T, H) or None, cache or None).
+
+    keep: an int k (the last k positions) or a 1-D tensor of positions; an empty tensor computes no logits
+    (the reward model's case). Every model call in labkit goes through here, and through the model's own
+    `forward` rather than its trunk and head separately, so that the hooks of a sharding wrapper (FSDP2's
+    `fully_shard` on the whole model, labkit.distributed.shard_model) fire on every call. The hidden states
+    are the last of `output_hidden_states` (after the final norm): being part of the model's output, a
+    backward pass from them alone (the reward model's loss) still passes through FSDP's backward hooks.
+    """
+    base = unwrap(model)
+    cache_arg = _cache_argument(base)
+    extra = {cache_arg: cache} if cache is not None else {}
+    with autocast_for(model):
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                   logits_to_keep=keep, output_hidden_states=want_hidden, **extra)
+    new_cache = (out.cache if cache_arg == "cache" else out.past_key_values) if use_cache else None
+    return out.logits, (out.hidden_states[-1] if want_hidden else None), new_cache
+
+
 def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
     """KV-cache sampling loop: response_ids (B, R), logprobs (B, R).
 
-    The trunk and the vocabulary head are called separately, so the head runs on one position per step.
+    The vocabulary head runs on one position per step (logits_to_keep=1).
     """
-    trunk, head = _trunk_and_head(model)
     B, Q = query_ids.shape
     mask = left_pad_mask(query_lengths, Q)
     pos = positions(mask)
     tokens = torch.empty(B, R, dtype=torch.long, device=query_ids.device)
     logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
-    cache_arg = _cache_argument(trunk)
-    with autocast_for(model):
-        out = trunk(input_ids=query_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        h = out.last_hidden_state[:, -1]  # (B, H): predicts response token 0
-        for t in range(R):
-            logp = F.log_softmax(head(h).float() / temperature, dim=-1)  # (B, V)
-            tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
-            tokens[:, t] = tok[:, 0]
-            logprobs[:, t] = logp.gather(-1, tok)[:, 0]
-            if t == R - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            cache = out.cache if cache_arg == "cache" else out.past_key_values
-            out = trunk(input_ids=tok, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_arg: cache})
-            h = out.last_hidden_state[:, -1]
-            next_pos = next_pos + 1
+    logits, _, cache = lm_forward(model, query_ids, mask, pos, keep=1, use_cache=True)  # predicts response token 0
+    for t in range(R):
+        logp = F.log_softmax(logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+        tokens[:, t] = tok[:, 0]
+        logprobs[:, t] = logp.gather(-1, tok)[:, 0]
+        if t == R - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits, _, cache = lm_forward(model, tok, mask, next_pos, keep=1, cache=cache, use_cache=True)
+        next_pos = next_pos + 1
     return tokens, logprobs
 
 
@@ -215,19 +232,20 @@ def forward_responses(
 ) -> ResponseForward:
     """Score `response_ids` (B, R) after left-padded queries under `model` (grad follows the caller).
 
-    The trunk runs once; the vocabulary head is applied only at the R positions that predict response
-    tokens (position Q-1+t predicts response token t), so no (B, Q+R, V) logits tensor is ever built.
+    One forward pass; the vocabulary head is applied only at the R positions that predict response tokens
+    (position Q-1+t predicts response token t), so no (B, Q+R, V) logits tensor is ever built.
     """
-    trunk, head = _trunk_and_head(model)
     B, Q = query_ids.shape
     R = response_ids.shape[1]
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
     mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)
-    with autocast_for(model):
-        hidden = trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-        h = hidden[:, Q - 1 : Q + R - 1]  # (B, R, H)
-        # in place: the head's output is not needed for backward, so only log_softmax's (B, R, V) output stays alive
-        logits = head(h).float().div_(temperature)  # (B, R, V)
+    keep = torch.arange(Q - 1, Q + R - 1, device=input_ids.device)  # position Q-1+t predicts response token t
+    logits, hidden, _ = lm_forward(model, input_ids, mask, positions(mask), keep, want_hidden=want_hidden)
+    h = hidden[:, Q - 1 : Q + R - 1] if want_hidden else None  # (B, R, H)
+    # in place: the head's output is not needed for backward, so only log_softmax's (B, R, V) output stays alive.
+    # Not on a sharded model's output: an in-place op there would drop FSDP's backward hook.
+    logits = logits.float()
+    logits = logits / temperature if is_sharded(model) else logits.div_(temperature)  # (B, R, V)
     logp_all = F.log_softmax(logits, dim=-1)
     del logits
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
@@ -236,7 +254,7 @@ def forward_responses(
         with torch.no_grad():
             lp = logp_all.detach()
             entropy = -(lp.exp() * lp).sum(-1)
-    return ResponseForward(logprobs=logprobs, entropy=entropy, hidden=h if want_hidden else None)
+    return ResponseForward(logprobs=logprobs, entropy=entropy, hidden=h)
 
 
 def score_logprobs(model, query_ids, query_lengths, response_ids, temperature: float) -> torch.Tensor:

@@ -102,13 +102,20 @@ def test_in_one_process_the_helpers_are_the_plain_computations():
     assert distributed.run_on_main(lambda: 42) == 42
 
 
-def test_sharded_launchers_are_refused_with_a_clear_message(tmp_path, monkeypatch):
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "launched with DeepSpeed, which it does not run.*fsdp.yaml.*fsdp_reshard_after_forward: false"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP2 .* only; this launch asks for FSDP version 1. Set `fsdp_version: 2`"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "does not support `fsdp_offload_params: true`"),
+])
+def test_launch_settings_labkit_cannot_run_are_refused_with_a_clear_message(tmp_path, monkeypatch, env, message):
     from labkit import cli
 
     job = _ppo_job(tmp_path).save(tmp_path / "ppo.yaml")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(RuntimeError, match="launched with FSDP, which it does not support yet.*ddp.yaml"):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match=message):
         cli.main(["ppo", str(job)])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_missing_label_store_is_an_error_not_an_empty_store(tmp_path):
@@ -163,6 +170,7 @@ def _worker(rank, world, init_file, out_dir):
         distributed.average_gradients([w])
         out[name] = w.grad
     out["metrics"] = distributed.mean_over_processes({"a": float(rank), "b": 2.0})
+    out["max"] = distributed.max_over_processes(3 + 2 * rank)
     p = torch.full((3,), float(rank))
     try:
         distributed.check_same_weights([p])
@@ -204,6 +212,7 @@ def test_two_gloo_processes_compute_what_one_process_computes_on_all_the_data(tm
         for r in (r0, r1):
             torch.testing.assert_close(r[name], single, rtol=1e-5, atol=1e-7)
     assert r0["metrics"] == r1["metrics"] == {"a": 0.5, "b": 2.0}
+    assert r0["max"] == r1["max"] == 5
     assert "ranks [1] differ from rank 0" in r0["differ"] and r0["differ"] == r1["differ"]
     assert r0["same_after_broadcast"] == r1["same_after_broadcast"]
     assert r0["error"] == "ValueError: no labels"
@@ -220,15 +229,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(*args, cwd) -> str:
-    """`accelerate launch` 2 processes of `python -m labkit.cli ARGS` on CPU; returns stdout."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
+
+
+def _launch(*args, cwd, config: str | None = None) -> str:
+    """`accelerate launch` 2 processes of `python -m labkit.cli ARGS` on CPU; returns stdout.
+
+    config: None = plain data parallel (--multi_gpu), else a file in examples/accelerate (e.g. "fsdp.yaml"),
+    launched as the README says, with the process count set to 2.
+    """
+    how = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"] if config is None else ["--config_file", str(EXAMPLES / config)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "labkit.cli", *map(str, args)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
+
+
+def _layout(stdout: str, name: str) -> tuple[int, int, str]:
+    """(parameters on process 0, parameters in all, how) from the command's layout line."""
+    found = re.findall(rf"{name}: ([0-9,]+) of ([0-9,]+) parameters on process 0 \((.*)\)", stdout)
+    assert len(found) == 1, stdout
+    local, total, how = found[0]
+    return int(local.replace(",", "")), int(total.replace(",", "")), how
 
 
 def _digest(stdout: str) -> str:
@@ -260,10 +284,17 @@ def workdir():
         for n in (1, 2):
             RewardJob(labels=str(root / "labels.db"), output_dir=str(root / f"rm{n}"), model="tiny",
                       task_overrides=TINY_TASK, reward=reward).save(root / f"rm{n}.yaml")
-        for n_updates in (2, 3):
-            PPOJob(run_dir=str(root / "ppo"), n_updates=n_updates, model="tiny", task_overrides=TINY_TASK,
-                   reward=str(root / "rm2"), ppo=PPOConfig(batch_size=4, lr=1e-3, ppo_epochs=2, total_updates=10)
-                   ).save(root / f"ppo{n_updates}.json")
+        RewardJob(labels=str(root / "labels.db"), output_dir=str(root / "rm_fsdp"), model="tiny",
+                  task_overrides=TINY_TASK, reward=reward).save(root / "rm_fsdp.yaml")
+        for run, n_updates in (("ppo", 2), ("ppo", 3), ("ppo_ddp", 2), ("ppo_fsdp", 2), ("ppo_fsdp", 3),
+                               ("lora_ddp", 2), ("lora_fsdp", 2)):
+            # ppo_ddp / ppo_fsdp: a separate value model, so that pi, rho, the value model and the reward
+            # model are all sharded under FSDP; lora_*: LoRA adapters on a sharded base, rho = adapters off
+            value = "separate" if run.startswith("ppo_") else "shared"
+            PPOJob(run_dir=str(root / run), n_updates=n_updates, model="tiny", task_overrides=TINY_TASK,
+                   reward=str(root / "rm2"), ppo=PPOConfig(batch_size=4, lr=1e-3, ppo_epochs=2, total_updates=10,
+                                                           value_model=value, lora_r=4 if "lora" in run else 0)
+                   ).save(root / f"{run}{n_updates}.json")
         yield root
 
 
@@ -274,6 +305,8 @@ def test_train_reward_on_two_processes_equals_one_process_on_the_same_batches(wo
     from labkit.reward import RewardModel
 
     stdout = _launch("train-reward", "rm2.yaml", "--check-sync", cwd=workdir)
+    local, total, how = _layout(stdout, "reward model")
+    assert local == total and how == "a full copy"
     two = json.loads((workdir / "rm2" / "summary.json").read_text())
     saved = RewardModel.load(workdir / "rm2", device="cpu")
     # both processes ended with the same weights, and they are the ones rank 0 saved
@@ -328,3 +361,115 @@ def test_ppo_on_two_processes_writes_once_keeps_weights_identical_and_resumes(wo
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [1, 2, 3]
     assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded (FSDP2) under examples/accelerate/fsdp.yaml, against the data-parallel run of the same job
+
+
+def _checkpoint(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoint" / "state.safetensors"))
+
+
+@pytest.mark.slow
+def test_train_reward_sharded_with_fsdp_equals_the_data_parallel_run(workdir):
+    from labkit.reward import RewardModel
+
+    if not (workdir / "rm2" / "summary.json").exists():
+        _launch("train-reward", "rm2.yaml", cwd=workdir)
+    stdout = _launch("train-reward", "rm_fsdp.yaml", "--check-sync", cwd=workdir, config="fsdp.yaml")
+    local, total, how = _layout(stdout, "reward model")  # each process holds about half (the head and gains whole)
+    assert how == "sharded with FSDP2" and total / 2 <= local < total / 2 + 1000
+    fsdp = json.loads((workdir / "rm_fsdp" / "summary.json").read_text())
+    ddp = json.loads((workdir / "rm2" / "summary.json").read_text())
+    assert fsdp["world_size"] == 2 and fsdp["steps"] == ddp["steps"] == 5
+    # the saved file holds the whole model (gathered from both processes' slices), one tied embedding
+    saved = RewardModel.load(workdir / "rm_fsdp", device="cpu")
+    assert _digest(stdout) == fsdp["weights_digest"] == distributed.weights_digest(saved.state_dict().values())
+    for when in ("normalize_before", "normalize_after"):
+        for key in ("raw_mean", "raw_std"):
+            assert fsdp[when][key] == pytest.approx(ddp[when][key], abs=1e-5), (when, key)
+    lines = (workdir / "rm_fsdp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    for a, b in zip(lines, (workdir / "rm2" / "metrics.jsonl").read_text().splitlines()):
+        a, b = json.loads(a), json.loads(b)
+        for key in ("rm/loss", "rm/accuracy", "rm/heldout_loss", "rm/heldout_accuracy"):
+            assert (key in a) == (key in b) and a.get(key, 0) == pytest.approx(b.get(key, 0), abs=1e-5), key
+    reference = RewardModel.load(workdir / "rm2", device="cpu")
+    for (name, p), q in zip(saved.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_ppo_sharded_with_fsdp_equals_the_data_parallel_run_and_resumes(workdir):
+    if not (workdir / "rm2" / "reward_model.safetensors").exists():
+        _launch("train-reward", "rm2.yaml", cwd=workdir)
+    _launch("ppo", "ppo_ddp2.json", cwd=workdir)
+    stdout = _launch("ppo", "ppo_fsdp2.json", "--check-sync", cwd=workdir, config="fsdp.yaml")
+    local, total, how = _layout(stdout, "policy")
+    assert how == "sharded with FSDP2" and local == total / 2
+    fsdp, ddp = _checkpoint(workdir / "ppo_fsdp"), _checkpoint(workdir / "ppo_ddp")
+    n_params = sum(k.startswith("param.") for k in fsdp)
+    assert _digest(stdout) == distributed.weights_digest(fsdp[f"param.{i}"] for i in range(n_params))
+    # the same tensors (whole, not slices): weights, Adam moments, random states; and the same values
+    assert fsdp.keys() == ddp.keys() and all(fsdp[k].shape == ddp[k].shape for k in fsdp)
+    start = load_initial_policy_params()
+    changed = 0
+    for k in fsdp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
+    for i, p0 in enumerate(start):
+        changed += not torch.equal(fsdp[f"param.{i}"], p0)
+    assert changed > len(start) // 2  # PPO moved the sharded policy's weights
+    rows = [[json.loads(line) for line in (workdir / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("ppo_fsdp", "ppo_ddp")]
+    assert [m["step"] for m in rows[0]] == [1, 2] and [m["episodes"] for m in rows[0]] == [8, 16]
+    for a, b in zip(*rows):
+        for key in ("objective/kl", "objective/scores", "objective/entropy", "loss/policy_avg", "loss/value_avg"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+    # resuming a sharded run: every process loads its slices of the whole tensors saved
+    stdout = _launch("ppo", "ppo_fsdp3.json", "--check-sync", cwd=workdir, config="fsdp.yaml")
+    assert "1 of 3 updates to go" in stdout
+    resumed = _checkpoint(workdir / "ppo_fsdp")
+    assert json.loads((workdir / "ppo_fsdp" / "checkpoint" / "trainer.json").read_text())["step"] == 3
+    assert _digest(stdout) == distributed.weights_digest(resumed[f"param.{i}"] for i in range(n_params))
+    assert any(not torch.equal(resumed[f"param.{i}"], fsdp[f"param.{i}"]) for i in range(n_params))
+
+
+def load_initial_policy_params() -> list[torch.Tensor]:
+    """The tiny policy's trainable weights before any update, in the trainer's order (pi's, then the value model's)."""
+    from labkit.models import load_lm
+
+    torch.manual_seed(0)
+    policy, _ = load_lm("tiny", device="cpu")
+    return [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+
+
+@pytest.mark.slow
+def test_lora_on_a_sharded_base_equals_the_data_parallel_run(workdir):
+    if not (workdir / "rm2" / "reward_model.safetensors").exists():
+        _launch("train-reward", "rm2.yaml", cwd=workdir)
+    _launch("ppo", "lora_ddp2.json", cwd=workdir)
+    stdout = _launch("ppo", "lora_fsdp2.json", cwd=workdir, config="fsdp.yaml")
+    local, total, how = _layout(stdout, "policy")
+    assert how == "sharded with FSDP2" and local == total / 2
+    fsdp, ddp = _checkpoint(workdir / "lora_fsdp"), _checkpoint(workdir / "lora_ddp")
+    assert fsdp.keys() == ddp.keys()
+    for k in fsdp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the adapters' B matrices start at zero: the update moved them
+    trained = [k for k in fsdp if k.startswith("param.") and fsdp[k].abs().sum() > 0]
+    assert len(trained) == sum(k.startswith("param.") for k in fsdp)
+
+
+def test_full_state_dict_stores_a_tied_embedding_once():
+    from labkit.models import load_lm
+    from labkit.reward import RewardModel
+
+    model, tok = load_lm("tiny", device="cpu")
+    state = distributed.full_state_dict(RewardModel(model, tok, seed=0))
+    assert "lm.model.embed_tokens.weight" in state and "lm.lm_head.weight" not in state
+    assert {"head.weight", "head.bias", "gain", "bias"} <= state.keys()
+    assert torch.equal(state["lm.model.embed_tokens.weight"], model.model.embed_tokens.weight)

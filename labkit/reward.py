@@ -114,6 +114,33 @@ class RewardModel(nn.Module):
     def forward(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         return self.gain * self.raw(query_ids, query_lengths, response_ids, response_lengths) + self.bias
 
+    def kway(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
+        """Normalised rewards (B, k) of k responses to each of B queries: response rows b*k .. b*k+k-1 answer
+        query b. query_ids (B, Q) left-padded; response_ids (B*k, R) right-padded after `response_lengths`.
+
+        Each query runs once and its k responses share its keys and values (a KV cache that stays in the
+        autograd graph, so gradients flow back into the query's positions): B*(Q + k*R) token positions
+        instead of B*k*(Q + R), 2.2x fewer for 4 responses of 24 tokens after 64-token queries. Equal to
+        scoring each query + response on its own (`forward`) up to float rounding.
+        """
+        B, Q = query_ids.shape
+        k, R = response_ids.shape[0] // B, response_ids.shape[1]
+        if response_ids.shape[0] != B * k:
+            raise ValueError(f"{response_ids.shape[0]} responses for {B} queries: expected k per query.")
+        if (response_lengths < 1).any():
+            raise ValueError("Every response needs at least one token to be scored.")
+        no_logits = torch.zeros(0, dtype=torch.long, device=query_ids.device)
+        q_mask = left_pad_mask(query_lengths, Q)  # (B, Q)
+        _, _, cache = lm_forward(self.lm, query_ids, q_mask, positions(q_mask), no_logits, use_cache=True)
+        cache.batch_repeat_interleave(k)  # (B*k, heads, Q, d) per layer: each response sees its own query
+        r_mask = (torch.arange(R, device=response_ids.device)[None] < response_lengths[:, None]).long()
+        mask = torch.cat([q_mask.repeat_interleave(k, dim=0), r_mask], dim=1)  # (B*k, Q+R)
+        pos = query_lengths.repeat_interleave(k)[:, None] + torch.arange(R, device=response_ids.device)[None]  # (B*k, R)
+        _, hidden, _ = lm_forward(self.lm, response_ids, mask, pos, no_logits, want_hidden=True, cache=cache, use_cache=True)
+        h = hidden[torch.arange(B * k, device=hidden.device), response_lengths - 1]  # (B*k, H) at the last real token
+        raw = self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        return (self.gain * raw + self.bias).view(B, k)
+
     # ---- convenience scoring -----------------------------------------------------------------
 
     def _encode(self, queries: list[str], responses: list[str]):
@@ -243,9 +270,9 @@ class RewardTrainer:
         k = len(batch[0].responses)
         if any(len(ex.responses) != k for ex in batch):
             raise ValueError("All comparisons in a batch must have the same number of responses k.")
-        queries = [ex.query for ex in batch for _ in range(k)]
+        queries = [ex.query for ex in batch]
         responses = [r for ex in batch for r in ex.responses]
-        return self.rm(*self.rm._encode(queries, responses)).view(len(batch), k)  # (B, k)
+        return self.rm.kway(*self.rm._encode(queries, responses))  # (B, k): each query runs once for its k responses
 
     @torch.no_grad()
     def evaluate(self, examples: list[KWayExample], batch_size: int | None = None) -> dict:

@@ -102,3 +102,32 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     torch.testing.assert_close(rm.score_texts(q, r), loaded.score_texts(q, r))
     with pytest.raises(FileNotFoundError, match="not a saved labkit reward model"):
         RewardModel.load(tmp_path)
+
+
+def test_kway_shares_each_query_and_equals_scoring_each_pair_alone(tiny):
+    """The shared-query pass gives the rewards and the gradients of scoring query + response one by one."""
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok, seed=0)
+    rm.gain.fill_(1.7)
+    rm.bias.fill_(-0.3)
+    g = torch.Generator().manual_seed(0)
+    queries = [torch.randint(3, 900, (n,), generator=g).tolist() for n in (5, 9, 1)]  # left padding of 4, 0, 8
+    lengths = [3, 6, 1, 6, 2, 4, 5, 6, 1, 2, 3, 6]  # k = 4 responses per query, right-padded to 6
+    q_ids, q_len = pad_left(queries, tok.pad_token_id)
+    r_len = torch.tensor(lengths)
+    r_ids = torch.randint(3, 900, (12, 6), generator=g).masked_fill(torch.arange(6)[None] >= r_len[:, None], tok.pad_token_id)
+
+    shared = rm.kway(q_ids, q_len, r_ids, r_len)  # (3, 4)
+    shared.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in rm.named_parameters()}
+    rm.zero_grad(set_to_none=True)
+    alone = torch.stack([rm(q_ids[b : b + 1], q_len[b : b + 1], r_ids[b * 4 + j : b * 4 + j + 1], r_len[b * 4 + j : b * 4 + j + 1])[0]
+                         for b in range(3) for j in range(4)]).view(3, 4)
+    alone.pow(2).sum().backward()
+    assert shared.shape == (3, 4)
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+    for n, p in rm.named_parameters():  # equal only if the gradient flows back through the shared keys/values
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=n)
+    rm.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="expected k per query"):
+        rm.kway(q_ids, q_len, r_ids[:11], r_len[:11])

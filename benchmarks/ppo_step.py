@@ -14,7 +14,9 @@ Q = query, R = response, T = Q + R, E = PPO epochs:
               separate value model: + E * 3 * 2*N*B*T; LoRA: backward ~1x forward (no weight grads), so 2x
 and divides by the measured time and a matmul peak measured in this process on the model's device, in the
 dtype the matmuls run in: fp32 on CPU; bf16 on CUDA (fp32 weights, bf16 autocast), where the peak is that of
-large 8192^3 products, so a 135M model's small matmuls reach only a few percent of it.
+large 8192^3 products, so a 135M model's small matmuls reach only a few percent of it. The peak is measured
+before the first update and after every update and the median used: on this shared machine it moved
+between 151 and 261 GFLOP/s from run to run.
 
     python benchmarks/ppo_step.py                      # shared value head (the paper's default)
     python benchmarks/ppo_step.py --value separate     # TRL's design: a separate value model
@@ -93,8 +95,8 @@ def main():
     device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
     bf16 = args.bf16_autocast or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     compute_dtype = torch.bfloat16 if bf16 else dtype
-    peak = matmul_peak_gflops(device, compute_dtype)
-    fp32_peak = matmul_peak_gflops(device, torch.float32) if compute_dtype != torch.float32 else peak
+    peaks = [matmul_peak_gflops(device, compute_dtype)]  # measured again after every update, median used
+    fp32_peak = matmul_peak_gflops(device, torch.float32) if compute_dtype != torch.float32 else None  # fp32: set below
     # Exact shapes: queries of exactly `--query` tokens (no sentence trimming), `--response` new tokens.
     task = SENTIMENT.with_(query_length=args.query, response_length=args.response, start_after=None, end_at=None)
     passages = [p.text for p in load_prompts(task, "all")]
@@ -113,7 +115,11 @@ def main():
               flush=True)
         if i > 0:
             runs.append(m)
+        peaks.append(matmul_peak_gflops(device, compute_dtype))
     med = statistics.median(m["time/step"] for m in runs)
+    peak = statistics.median(peaks)
+    if compute_dtype == torch.float32:
+        fp32_peak = peak
     split = {k: statistics.median(m[f"time/{k}"] for m in runs) for k in ("generation", "scoring", "optimization")}
     N = trunk_matmul_params(trainer.policy)
     H = policy.config.hidden_size * policy.config.vocab_size
@@ -130,6 +136,7 @@ def main():
         "optimization_s": round(split["optimization"], 2), "peak_rss_gib": round(peak_rss_gib, 2),
         **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.type == "cuda" else {}),
         "flops_per_update": f"{flops['total']:.3e}", "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_range_gflops": [round(min(peaks), 1), round(max(peaks), 1)],
         "fp32_matmul_peak_gflops": round(fp32_peak, 1),
         "achieved_gflops": round(flops["total"] / med / 1e9, 1), "mfu": round(flops["total"] / med / (peak * 1e9), 3),
         "flop_formula": "N=%d trunk matmul params, H=%d head params; see the module docstring" % (N, H),

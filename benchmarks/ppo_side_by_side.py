@@ -1,0 +1,93 @@
+"""labkit's PPO update vs TRL 0.19.1's PPOTrainer, back to back on the same model, shapes and threads.
+
+Runs benchmarks/ppo_step.py with labkit's venv (shared value head, the paper's default), again with
+--value separate (TRL's design: a separate value model), then benchmarks/trl_ppo_step.py with the TRL venv,
+and prints each JSON line and a last one with speedup = TRL seconds per update / labkit seconds per update
+and memory_ratio = labkit peak RSS / TRL peak RSS. Defaults: the sentiment shapes of ppo_step.py (batch 64,
+query 64, response 24, 4 PPO epochs, micro-batches of 16, fp32 on CPU). Each script measures its own fp32
+matmul peak; they are repeated in the last line, since on a shared machine they move from run to run.
+Standard library only: run it with any python3.
+
+TRL venv, once: see benchmarks/trl_reward_train.py. Then:
+    python3 benchmarks/ppo_side_by_side.py --updates 3 --threads 2
+    python3 benchmarks/ppo_side_by_side.py --updates 3 --also-micro-batch 4   # + labkit at micro-batch 4 (memory)
+    python3 benchmarks/ppo_side_by_side.py --batch 8 --micro-batch 4 --response 4 --epochs 1 --updates 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str]) -> dict:
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+    line = [x for x in out.splitlines() if x.startswith("{")][-1]
+    print(line, flush=True)
+    return json.loads(line)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--updates", type=int, default=3, help="measured updates after one warm-up (median reported)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-separate", action="store_true", help="skip labkit with --value separate")
+    p.add_argument("--batch", type=int, default=None, help="rollouts per update (default: the scripts' 64)")
+    p.add_argument("--query", type=int, default=None, help="query tokens (default 64)")
+    p.add_argument("--response", type=int, default=None, help="response tokens (default 24)")
+    p.add_argument("--epochs", type=int, default=None, help="PPO epochs (default 4)")
+    p.add_argument("--micro-batch", type=int, default=None, help="gradient accumulation chunk (default 16)")
+    p.add_argument("--also-micro-batch", type=int, default=None,
+                   help="one more labkit shared-head run at this micro-batch (smaller: less memory, slower)")
+    p.add_argument("--labkit-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python")
+    args = p.parse_args()
+
+    common = ["--updates", str(args.updates), "--threads", str(args.threads)]
+    for flag in ("batch", "query", "response", "epochs", "micro_batch"):
+        if getattr(args, flag) is not None:
+            common += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    shared = run([args.labkit_python, "benchmarks/ppo_step.py", *common])
+    also = None
+    if args.also_micro_batch:
+        also = run([args.labkit_python, "benchmarks/ppo_step.py", *[c for i, c in enumerate(common)
+                    if c != "--micro-batch" and (i == 0 or common[i - 1] != "--micro-batch")],
+                    "--micro-batch", str(args.also_micro_batch)])
+    separate = None if args.skip_separate else run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--value", "separate"])
+    trl = run([args.trl_python, "benchmarks/trl_ppo_step.py", *common])
+
+    trl_s = trl["seconds_per_update"]
+    out = {
+        "benchmark": "ppo_side_by_side", "updates": args.updates, "threads": args.threads,
+        **{k: trl[k] for k in ("batch", "query", "response", "epochs", "micro_batch")},
+        "labkit_shared_s": shared["seconds_per_update"],
+        "labkit_separate_s": separate["seconds_per_update"] if separate else None,
+        "trl_s": trl_s,
+        "speedup_shared": round(trl_s / shared["seconds_per_update"], 2),
+        "speedup_separate": round(trl_s / separate["seconds_per_update"], 2) if separate else None,
+        "memory_ratio_shared": round(shared["peak_rss_gib"] / trl["peak_rss_gib"], 3),
+        "memory_ratio_separate": round(separate["peak_rss_gib"] / trl["peak_rss_gib"], 3) if separate else None,
+        **({f"labkit_shared_micro{args.also_micro_batch}_s": also["seconds_per_update"],
+            f"speedup_shared_micro{args.also_micro_batch}": round(trl_s / also["seconds_per_update"], 2),
+            f"memory_ratio_shared_micro{args.also_micro_batch}": round(also["peak_rss_gib"] / trl["peak_rss_gib"], 3)}
+           if also else {}),
+        "peak_rss_gib": {"labkit_shared": shared["peak_rss_gib"],
+                         **({f"labkit_shared_micro{args.also_micro_batch}": also["peak_rss_gib"]} if also else {}),
+                         "labkit_separate": separate["peak_rss_gib"] if separate else None, "trl": trl["peak_rss_gib"]},
+        "split_s": {name: {k: r.get(f"{k}_s") for k in ("generation", "scoring", "optimization")}
+                    for name, r in (("labkit_shared", shared), ("labkit_separate", separate), ("trl", trl)) if r},
+        "fp32_matmul_peak_gflops": {"labkit_shared": shared.get("fp32_matmul_peak_gflops"),
+                                    "labkit_separate": separate.get("fp32_matmul_peak_gflops") if separate else None,
+                                    "trl": trl.get("fp32_matmul_peak_gflops")},
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,19 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cmd: list[str]) -> dict:
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
-    line = [x for x in out.splitlines() if x.startswith("{")][-1]
-    print(line, flush=True)
-    return json.loads(line)
+from reward_train_side_by_side import ROOT, run  # this script's folder is on sys.path
 
 
 def main():

@@ -54,23 +54,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from ppo_step import matmul_peak_gflops  # this script's folder is on sys.path; ppo_step imports labkit lazily
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
-    """Matrix-product GFLOP/s on this device and dtype: 2048^2 on CPU, 8192^2 on CUDA (as in ppo_step.py)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def default_model_dir() -> Path:

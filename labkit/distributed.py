@@ -24,6 +24,7 @@ never notices this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Callable, Iterable, TypeVar
@@ -156,14 +157,14 @@ def shard_model(model) -> None:
     """
     if not sharded():
         return
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from labkit.sampling import unwrap
+
+    base = unwrap(model)
     if isinstance(base, FSDPModule):
         return  # already sharded (a reward model handed to a second trainer)
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device_type, (world_size(),))
+    mesh = _device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", world_size())
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     block_names |= {n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()}
@@ -173,7 +174,17 @@ def shard_model(model) -> None:
                            "name the block class with `fsdp_transformer_layer_cls_to_wrap` in the accelerate config.")
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    # given explicitly, FSDP reshards the root too (its default keeps the root gathered after the forward,
+    # which for rho and the reward model, never run backward, would mean for ever)
     fully_shard(base, mesh=mesh, reshard_after_forward=reshard)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_mesh(device_type: str, n: int):
+    """One 1-D mesh over all n processes, shared by every sharded model."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (n,))
 
 
 def local_and_total_numel(module: torch.nn.Module) -> tuple[int, int]:

@@ -12,6 +12,7 @@ Conventions (shapes): B batch, Q query length (left-padded), R response length, 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -158,11 +159,12 @@ def is_sharded(model) -> bool:
     return isinstance(unwrap(model), FSDPModule)
 
 
-def _cache_argument(module) -> str:
-    """transformers 5.2x renamed `past_key_values` to `cache`; support both."""
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; support both (looked up once per model class)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden: bool = False, cache=None,
@@ -178,7 +180,7 @@ def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden
     backward pass from them alone (the reward model's loss) still passes through FSDP's backward hooks.
     """
     base = unwrap(model)
-    cache_arg = _cache_argument(base)
+    cache_arg = _cache_argument(type(base))
     extra = {cache_arg: cache} if cache is not None else {}
     with autocast_for(model):
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,

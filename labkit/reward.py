@@ -190,12 +190,11 @@ class RewardModel(nn.Module):
         texts = [prompts[rng.randrange(len(prompts))] for _ in range(n_samples)]
         queries = [format_query(task, t, self.tokenizer) for t in texts]
         raws = [torch.zeros(0, device=self.device)]
-        starts = list(range(0, n_samples, batch_size))
-        mine = starts[distributed.rank() :: distributed.world_size()]  # chunk c of this process: c = rank, rank + N, ...
+        mine = list(range(distributed.rank(), math.ceil(n_samples / batch_size), distributed.world_size()))  # chunk ids
         for j in range(distributed.max_over_processes(len(mine))):
             # a process with fewer chunks samples a stand-in one and drops it: sharded models need every process
-            c = starts.index(mine[j]) if j < len(mine) else 0
-            i = starts[c]
+            c = mine[j] if j < len(mine) else 0
+            i = c * batch_size
             gen = torch.Generator(device=next(rho.parameters()).device).manual_seed(seed + c)
             roll = sample(rho, self.tokenizer, queries[i : i + batch_size], task, generator=gen)
             raw = self.raw(roll.query_ids.to(self.device), roll.query_lengths.to(self.device),

@@ -214,6 +214,47 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
     return tokens, logprobs
 
 
+class _TemperedLogprobs(torch.autograd.Function):
+    """log softmax(logits / T)[ids] with a backward that reuses the saved (B, R, V) buffer.
+
+    The plain chain (divide, log_softmax, gather) allocates and fills three (B, R, V) tensors in backward (the
+    gather's zeros, log_softmax's gradient, the division's gradient); on a CPU those passes over B*R*49,152
+    floats cost about as much as a fifth of the model's backward. The gradient with respect to the logits is
+    (onehot(ids) - softmax) * g / T, written here into the saved log-softmax buffer itself, so the backward
+    allocates nothing of that size. That buffer is consumed: the graph can be backpropagated once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature):
+        low = logits.dtype in (torch.float16, torch.bfloat16)  # autocast's head output: softmax in fp32
+        logp_all = torch.log_softmax((logits.float() if low else logits) / temperature, dim=-1)  # (B, R, V)
+        ctx.save_for_backward(logp_all, ids)
+        ctx.mark_non_differentiable(logp_all)
+        ctx.temperature = temperature
+        return logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1), logp_all  # (B, R), and the buffer for metrics
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_logp_all):
+        logp_all, ids = ctx.saved_tensors  # a second backward fails here: autograd sees the buffer was modified
+        g = (grad / ctx.temperature).unsqueeze(-1)  # (B, R, 1)
+        out = logp_all.exp_().mul_(-g)  # -softmax * g / T, in place
+        out.scatter_add_(-1, ids.unsqueeze(-1), g)  # + onehot(ids) * g / T
+        return out, None, None
+
+
+def tempered_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                      want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, R) log-probs of `ids` (B, R) under softmax(logits / T) for logits (B, R, V), and optionally the
+    (B, R) entropy of that distribution (a metric: no gradient)."""
+    logprobs, logp_all = _TemperedLogprobs.apply(logits, ids, temperature)
+    entropy = None
+    if want_entropy:  # computed before any backward consumes the buffer; holds no (B, R, V) tensor for backward
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
 @dataclass
 class ResponseForward:
     """Per-response-token outputs of one forward pass over query + response."""
@@ -244,18 +285,7 @@ def forward_responses(
     keep = torch.arange(Q - 1, Q + R - 1, device=input_ids.device)  # position Q-1+t predicts response token t
     logits, hidden, _ = lm_forward(model, input_ids, mask, positions(mask), keep, want_hidden=want_hidden)
     h = hidden[:, Q - 1 : Q + R - 1] if want_hidden else None  # (B, R, H)
-    # in place: the head's output is not needed for backward, so only log_softmax's (B, R, V) output stays alive.
-    # Not on a sharded model's output: an in-place op there would drop FSDP's backward hook.
-    logits = logits.float()
-    logits = logits / temperature if is_sharded(model) else logits.div_(temperature)  # (B, R, V)
-    logp_all = F.log_softmax(logits, dim=-1)
-    del logits
-    logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if want_entropy:  # a metric only: computed outside the graph so it holds no (B, R, V) tensors for backward
-        with torch.no_grad():
-            lp = logp_all.detach()
-            entropy = -(lp.exp() * lp).sum(-1)
+    logprobs, entropy = tempered_logprobs(logits, response_ids, temperature, want_entropy)
     return ResponseForward(logprobs=logprobs, entropy=entropy, hidden=h)
 
 

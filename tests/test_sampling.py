@@ -1,6 +1,8 @@
 import torch
 
-from labkit.sampling import forward_responses, pad_left, sample, score_logprobs
+import pytest
+
+from labkit.sampling import forward_responses, pad_left, sample, score_logprobs, tempered_logprobs
 from labkit.tasks import SENTIMENT, TruncationRule
 
 
@@ -80,3 +82,28 @@ def test_forward_responses_entropy_and_hidden(tiny):
     out = forward_responses(model, q_ids, q_len, resp, 0.7, want_entropy=True, want_hidden=True)
     assert out.entropy.shape == (3, 4) and (out.entropy > 0).all()
     assert out.hidden.shape == (3, 4, model.config.hidden_size)
+
+
+def test_tempered_logprobs_and_gradient_equal_the_plain_chain():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 11, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 11, (3, 4), generator=g)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)  # a loss that weights every token differently
+    naive_in = logits.clone().requires_grad_(True)
+    naive_lp = torch.log_softmax(naive_in / 0.7, -1).gather(-1, ids[..., None])[..., 0]
+    (naive_lp * weights).sum().backward()
+    fused_in = logits.clone().requires_grad_(True)
+    lp, entropy = tempered_logprobs(fused_in, ids, 0.7, want_entropy=True)
+    (lp * weights).sum().backward()
+    torch.testing.assert_close(lp, naive_lp)
+    torch.testing.assert_close(fused_in.grad, naive_in.grad)
+    p = torch.softmax(logits / 0.7, -1)
+    torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))
+
+
+def test_tempered_logprobs_refuse_a_second_backward():
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    lp, _ = tempered_logprobs(x, torch.zeros(2, 3, dtype=torch.long), 1.0)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        lp.sum().backward()

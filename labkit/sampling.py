@@ -189,6 +189,21 @@ def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden
     return out.logits, (out.hidden_states[-1] if want_hidden else None), new_cache
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of `probs` (B, V), drawn with probability proportional to the row: (B, 1).
+
+    Inverse-CDF sampling: one uniform number per row against the running sum. `torch.multinomial` draws
+    one exponential number per vocabulary entry (B * 49,152 per token, from a sequential CPU generator),
+    which took 1.5 s of an 11 s rollout of 64 x 24 tokens on SmolLM2. The running sum is in float64, so
+    its rounding (~1e-16 per addition) is far below any probability a float32 softmax can express, and a
+    zero-probability entry (an empty CDF step) is never drawn.
+    """
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)  # [0, 1)
+    # first index whose cumulative mass exceeds u * total; the clamp guards u * total rounding up to the total
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+
+
 def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
     """KV-cache sampling loop: response_ids (B, R), logprobs (B, R).
 
@@ -203,7 +218,7 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
     logits, _, cache = lm_forward(model, query_ids, mask, pos, keep=1, use_cache=True)  # predicts response token 0
     for t in range(R):
         logp = F.log_softmax(logits[:, -1].float() / temperature, dim=-1)  # (B, V)
-        tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+        tok = sample_categorical(logp.exp(), generator)  # (B, 1)
         tokens[:, t] = tok[:, 0]
         logprobs[:, t] = logp.gather(-1, tok)[:, 0]
         if t == R - 1:

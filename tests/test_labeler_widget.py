@@ -205,11 +205,11 @@ def test_refill_error_is_shown(store):
 def test_make_comparisons_with_tiny_model(store, tiny):
     model, tok = tiny
     # The random tiny model almost never samples '.'; cutting after any token ending in "e" makes both
-    # cut and uncut responses occur (with this seed: 5 cut, 1 not).
+    # cut and uncut responses occur (with this seed: 5 cut, 1 not; seeds 0-2 happen to give 6 cut).
     task = SENTIMENT.with_(response_length=20, truncation=TruncationRule(text="e", after=2))
     prompts = [Prompt("First. A calm morning by the lake. The end."), "Intro. Rain fell on the roofs all day."]
     ids = make_comparisons(store, model, tok, task, prompts, k=3, source=["rho", "rho", "pi"],
-                           generator=torch.Generator().manual_seed(0), batch_size=4)
+                           generator=torch.Generator().manual_seed(3), batch_size=4)
     assert len(ids) == 2
     comparisons = [store.comparison(i) for i in ids]
     c = comparisons[0]

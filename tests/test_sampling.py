@@ -2,7 +2,7 @@ import torch
 
 import pytest
 
-from labkit.sampling import forward_responses, pad_left, sample, score_logprobs, tempered_logprobs
+from labkit.sampling import forward_responses, pad_left, sample, sample_categorical, score_logprobs, tempered_logprobs
 from labkit.tasks import SENTIMENT, TruncationRule
 
 
@@ -107,3 +107,17 @@ def test_tempered_logprobs_refuse_a_second_backward():
     lp.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         lp.sum().backward()
+
+
+def test_sample_categorical_draws_each_index_with_its_probability():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1e-3, 0.0, 0.0, 0.999, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 100_000
+    draws = torch.stack([sample_categorical(row.expand(n, 5), g)[:, 0] for row in probs])  # (3, n)
+    freq = torch.stack([torch.bincount(d, minlength=5).double() / n for d in draws])  # (3, 5)
+    # binomial standard error is at most 0.0016 at n = 100,000: 0.006 is about 4 of them
+    torch.testing.assert_close(freq, probs.double(), atol=0.006, rtol=0)
+    assert (freq[probs == 0] == 0).all()  # an entry with no mass is never drawn
+    assert freq[2, 0] > 0  # a small mass is drawn at all
+    again = sample_categorical(probs, torch.Generator().manual_seed(7))
+    assert torch.equal(again, sample_categorical(probs, torch.Generator().manual_seed(7)))

@@ -134,8 +134,9 @@ class SeparateValueModel(nn.Module):
             self.head.weight.mul_(gain)
             self.head.bias.mul_(gain).add_(bias)
 
-    def forward(self, query_ids, query_lengths, response_ids, temperature):
-        out = forward_responses(self.lm, query_ids, query_lengths, response_ids, temperature, want_hidden=True)
+    def forward(self, query_ids, query_lengths, response_ids):
+        """Values (B, R) at the positions before each response token; the trunk's vocabulary head never runs."""
+        out = forward_responses(self.lm, query_ids, query_lengths, response_ids, 1.0, want_hidden=True, want_logprobs=False)
         return self.head(out.hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, R)
 
 
@@ -264,7 +265,7 @@ class PPOTrainer:
             out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, want_hidden=True)
             return out.logprobs, self.value_head(out.hidden), out.entropy
         out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy)
-        return out.logprobs, self.value_model(q_ids, q_len, r_ids, self.task.temperature), out.entropy
+        return out.logprobs, self.value_model(q_ids, q_len, r_ids), out.entropy
 
     # ------------------------------------------------------------------------------------------
     # one update

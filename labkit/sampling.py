@@ -274,7 +274,7 @@ def tempered_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: floa
 class ResponseForward:
     """Per-response-token outputs of one forward pass over query + response."""
 
-    logprobs: torch.Tensor  # (B, R) tempered log-probs of the response tokens
+    logprobs: torch.Tensor | None  # (B, R) tempered log-probs of the response tokens (unless not wanted)
     entropy: torch.Tensor | None  # (B, R) entropy of the tempered distribution, if asked for
     hidden: torch.Tensor | None  # (B, R, H) final hidden state at the position before each response token
 
@@ -287,19 +287,25 @@ def forward_responses(
     temperature: float,
     want_entropy: bool = False,
     want_hidden: bool = False,
+    want_logprobs: bool = True,
 ) -> ResponseForward:
     """Score `response_ids` (B, R) after left-padded queries under `model` (grad follows the caller).
 
     One forward pass; the vocabulary head is applied only at the R positions that predict response tokens
     (position Q-1+t predicts response token t), so no (B, Q+R, V) logits tensor is ever built.
+    `want_logprobs=False` skips the head altogether (a value model needs only the hidden states).
     """
     B, Q = query_ids.shape
     R = response_ids.shape[1]
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
     mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)
     keep = torch.arange(Q - 1, Q + R - 1, device=input_ids.device)  # position Q-1+t predicts response token t
+    if not want_logprobs:
+        keep = keep[:0]  # no logits at all
     logits, hidden, _ = lm_forward(model, input_ids, mask, positions(mask), keep, want_hidden=want_hidden)
     h = hidden[:, Q - 1 : Q + R - 1] if want_hidden else None  # (B, R, H)
+    if not want_logprobs:
+        return ResponseForward(logprobs=None, entropy=None, hidden=h)
     logprobs, entropy = tempered_logprobs(logits, response_ids, temperature, want_entropy)
     return ResponseForward(logprobs=logprobs, entropy=entropy, hidden=h)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from labkit.models import load_lm
 from labkit.ppo import PPOConfig, PPOTrainer
 from labkit.reward import reward_model_from_lm
-from labkit.sampling import sample, score_logprobs
+from labkit.sampling import forward_responses, pad_left, sample, score_logprobs
 from labkit.tasks import SENTIMENT, format_query
 
 PROMPTS = ["It was late. The rain stopped and she waited.", "One. Two words here. And more."]
@@ -147,6 +147,13 @@ def test_separate_value_model_from_the_reward_model():
     model, tok = peaky_tiny()
     rm = reward_model_from_lm(model, tok)
     trainer = PPOTrainer(model, tok, task(), rm, PROMPTS, config(value_model="separate"))
+    # at the start its values are the reward model's normalised head on every response position (the
+    # value model's trunk skips the vocabulary head: the hidden states must be the same)
+    q_ids, q_len = pad_left([tok.encode("A calm"), tok.encode("Rain fell on the")], tok.pad_token_id)
+    resp = torch.randint(0, len(tok), (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = forward_responses(rm.lm, q_ids, q_len, resp, 1.0, want_hidden=True).hidden  # (2, 5, H)
+        torch.testing.assert_close(trainer.value_model(q_ids, q_len, resp), rm.gain * rm.head(h).squeeze(-1) + rm.bias)
     v0 = {n: p.detach().clone() for n, p in trainer.value_model.named_parameters()}
     m = trainer.step()
     assert math.isfinite(m["loss/value_avg"]) and trainer.value_head is None

@@ -187,8 +187,8 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     tests; `seed` fixes its weights), a Hugging Face id such as "gpt2" / "gpt2-large", or a local folder.
     bf16_autocast: run the matmuls in bf16 while the weights stay `dtype` (see `sampling.autocast_for`);
     None = on for a CUDA device with bf16, off on a CPU. True on a CPU with AVX512-BF16 or AMX: on this
-    project's 2-core AMD EPYC bf16 matmuls peak at 411 GFLOP/s against fp32's 188, and a PPO update ran
-    1.49x faster (benchmarks/README.md).
+    project's 2-core Xeon with AMX bf16 matmuls peak at about 1,450 GFLOP/s against fp32's 270-300, and a
+    PPO update ran 1.55x faster than in fp32 (benchmarks/README.md; the elementwise work does not speed up).
     """
     from transformers import AutoModelForCausalLM
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 
 def plain_logprobs(logits, ids, temperature, want_entropy=False):
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
+    # as labkit had it (unsharded): the head's output divided in place, then log_softmax and gather
+    logp_all = F.log_softmax(logits.float().div_(temperature), dim=-1)  # (B, R, V)
     entropy = None
     if want_entropy:
         with torch.no_grad():

@@ -68,6 +68,25 @@ def update_flops(N, H, B, Q, R, E, value, lora) -> dict:
     return {"generation": gen, "scoring": score, "training": train, "total": gen + score + train}
 
 
+def sentiment_trainer(policy, tok, batch, query, response, epochs, micro_batch, value="shared", lora_r=0):
+    """A PPOTrainer at the benchmark's shapes, against an untrained reward model copied from the policy."""
+    from labkit.data import load_prompts
+    from labkit.ppo import PPOConfig, PPOTrainer
+    from labkit.reward import reward_model_from_lm
+    from labkit.tasks import SENTIMENT
+
+    # Exact shapes: queries of exactly `query` tokens (no sentence trimming), `response` new tokens.
+    task = SENTIMENT.with_(query_length=query, response_length=response, start_after=None, end_at=None)
+    passages = [p.text for p in load_prompts(task, "all")]
+    prompts = [" ".join(passages[i : i + 3]) for i in range(0, len(passages) - 3, 3)]
+    rm = reward_model_from_lm(policy, tok).requires_grad_(False)
+    trainer = PPOTrainer(policy, tok, task, rm, prompts, verbose=False, config=PPOConfig(
+        batch_size=batch, micro_batch_size=micro_batch, ppo_epochs=epochs, total_updates=100,
+        value_model=value, lora_r=lora_r, lr=1e-5 if not lora_r else 1e-4))
+    assert all(len(q) == query for q in trainer.queries[:8]), "prompts too short for the query length"
+    return trainer
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -85,11 +104,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from labkit.data import load_prompts
     from labkit.models import load_lm
-    from labkit.ppo import PPOConfig, PPOTrainer
-    from labkit.reward import reward_model_from_lm
-    from labkit.tasks import SENTIMENT
 
     policy, tok = load_lm(args.model, bf16_autocast=True if args.bf16_autocast else None)
     device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
@@ -97,15 +112,8 @@ def main():
     compute_dtype = torch.bfloat16 if bf16 else dtype
     peaks = [matmul_peak_gflops(device, compute_dtype)]  # measured again after every update, median used
     fp32_peak = matmul_peak_gflops(device, torch.float32) if compute_dtype != torch.float32 else None  # fp32: set below
-    # Exact shapes: queries of exactly `--query` tokens (no sentence trimming), `--response` new tokens.
-    task = SENTIMENT.with_(query_length=args.query, response_length=args.response, start_after=None, end_at=None)
-    passages = [p.text for p in load_prompts(task, "all")]
-    prompts = [" ".join(passages[i : i + 3]) for i in range(0, len(passages) - 3, 3)]
-    rm = reward_model_from_lm(policy, tok).requires_grad_(False)
-    trainer = PPOTrainer(policy, tok, task, rm, prompts, verbose=False, config=PPOConfig(
-        batch_size=args.batch, micro_batch_size=args.micro_batch, ppo_epochs=args.epochs, total_updates=100,
-        value_model=args.value, lora_r=args.lora_r, lr=1e-5 if not args.lora_r else 1e-4))
-    assert all(len(q) == args.query for q in trainer.queries[:8]), "prompts too short for the query length"
+    trainer = sentiment_trainer(policy, tok, args.batch, args.query, args.response, args.epochs, args.micro_batch,
+                                args.value, args.lora_r)
 
     runs = []
     for i in range(args.updates + 1):

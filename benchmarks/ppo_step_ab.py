@@ -39,23 +39,15 @@ def main():
     torch.set_num_threads(args.threads)
 
     from labkit import sampling
-    from labkit.data import load_prompts
     from labkit.models import load_lm
-    from labkit.ppo import PPOConfig, PPOTrainer
-    from labkit.reward import reward_model_from_lm
-    from labkit.tasks import SENTIMENT
+    from ppo_step import sentiment_trainer  # this script's folder is on sys.path
 
     arms = {
         "current": (sampling.sample_categorical, sampling.tempered_logprobs),
         "plain": (lambda probs, gen: torch.multinomial(probs, 1, generator=gen), plain_logprobs),
     }
     policy, tok = load_lm("smollm2-135m")
-    task = SENTIMENT.with_(query_length=64, response_length=24, start_after=None, end_at=None)
-    passages = [x.text for x in load_prompts(task, "all")]
-    prompts = [" ".join(passages[i : i + 3]) for i in range(0, len(passages) - 3, 3)]
-    rm = reward_model_from_lm(policy, tok).requires_grad_(False)
-    trainer = PPOTrainer(policy, tok, task, rm, prompts, verbose=False,
-                         config=PPOConfig(batch_size=64, micro_batch_size=16, ppo_epochs=4, total_updates=100))
+    trainer = sentiment_trainer(policy, tok, batch=64, query=64, response=24, epochs=4, micro_batch=16)
     order = ["current"] + [a for i in range(args.pairs) for a in (("plain", "current") if i % 2 == 0 else ("current", "plain"))]
     times = {"current": [], "plain": []}
     for i, arm in enumerate(order):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from labkit.inplace_grads import accumulate_vocab_grads_in_place
+
 EMBEDDED = "smollm2-135m"
 TINY = "tiny"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -224,6 +226,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device=dev, dtype=dt)
+    accumulate_vocab_grads_in_place(model)  # no (V, H) gradient tensors per micro-batch (labkit/inplace_grads.py)
     model.labkit_bf16_autocast = bf16_autocast  # read by sampling.autocast_for; copies of the model keep it
     model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
     return model, tokenizer

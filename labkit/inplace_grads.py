@@ -7,13 +7,13 @@ their sum for a tied weight, and then adds that into `.grad`; on a CPU fresh lar
 pages to fault in. Here the embedding's backward index-adds its rows straight into `weight.grad`, and the
 head's backward runs its matmul with `addmm_` into `weight.grad`: one (V, H) buffer per optimiser step,
 allocated when `.grad` is None, nothing of that size per micro-batch. Measured (benchmarks/vocab_grads_ab.py,
-two micro-batches of 16 x 88 tokens on SmolLM2): half the page faults, 1.01-1.05x faster; the peak RSS of a
-micro-batch-4 PPO update fell from 4.60 to 4.44 GiB.
+two micro-batches of 16 x 88 tokens on SmolLM2): half the page faults, 1.01-1.05x faster; a micro-batch-4
+PPO update peaked at 4.44 GiB against at least 4.60 before (benchmarks/README.md).
 
 `accumulate_vocab_grads_in_place(model)` swaps the classes of the model's input-embedding and output-head
 modules for subclasses whose forward does this while their weight is trained and gradients are on; frozen
 weights (rho, a reward model being scored, LoRA's base) take the plain path. The gradient equals autograd's
-(tests/test_models.py); the difference is only where it is written. Like autograd's own accumulation, a
+(tests/test_inplace_grads.py); the difference is only where it is written. Like autograd's own accumulation, a
 backward pass adds into `.grad`, so callers zero it between optimiser steps as usual.
 """
 
@@ -75,6 +75,7 @@ class _LinearFn(torch.autograd.Function):
 
 
 def _trained(weight: torch.Tensor) -> bool:
+    """Take the in-place path only for a leaf parameter being trained (`.grad` is where autograd would write)."""
     return weight.requires_grad and torch.is_grad_enabled() and isinstance(weight, nn.Parameter)
 
 

@@ -20,7 +20,7 @@ def _plain(model):
 def _micro_batch(tok, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(3, len(tok), (3, 7), generator=g)
-    q[0, :3] = tok.pad_token_id  # left padding: the padding row must get no gradient
+    q[0, :3] = tok.pad_token_id  # left padding (with padding_idx set, its row gets no embedding gradient)
     return q, torch.tensor([4, 7, 7]), torch.randint(3, len(tok), (3, 5), generator=g)
 
 

@@ -58,15 +58,21 @@ def test_gradients_equal_autograds_over_accumulated_micro_batches(tiny, tied):
         assert emb.weight.grad[tok.pad_token_id].abs().max() == 0
 
 
-def test_frozen_weights_and_no_grad_take_the_plain_path(tiny):
-    model = copy.deepcopy(tiny[0]).requires_grad_(False)
+def test_frozen_weights_and_no_grad_take_the_plain_path(tiny, monkeypatch):
+    from labkit import inplace_grads
+
+    calls = []
+    for fn in (inplace_grads._EmbeddingFn, inplace_grads._LinearFn):
+        monkeypatch.setattr(fn, "apply", lambda *a, _f=fn.apply, _n=fn.__name__: calls.append(_n) or _f(*a))
+    model = copy.deepcopy(tiny[0]).requires_grad_(False)  # rho, a reward model being scored
     q, ql, r = _micro_batch(tiny[1], 0)
-    out = forward_responses(model, q, ql, r, temperature=0.7)
-    assert not out.logprobs.requires_grad and all(p.grad is None for p in model.parameters())
+    forward_responses(model, q, ql, r, temperature=0.7)
     model.requires_grad_(True)
-    with torch.no_grad():
-        out = forward_responses(model, q, ql, r, temperature=0.7)
-    assert not out.logprobs.requires_grad
+    with torch.no_grad():  # a scoring pass of the trained policy
+        forward_responses(model, q, ql, r, temperature=0.7)
+    assert calls == []
+    forward_responses(model, q, ql, r, temperature=0.7)  # training: both in-place functions
+    assert sorted(calls) == ["_EmbeddingFn", "_LinearFn"]
 
 
 def test_swap_is_idempotent_and_leaves_other_modules_alone(tiny):

@@ -8,8 +8,10 @@ MFU counts matmul FLOPs honestly (attention scores ignored, ~2%), with N = the t
 (all Linear layers inside the transformer blocks), H = d_model * vocab (the LM head), B = batch,
 Q = query, R = response, T = Q + R, E = PPO epochs:
   generation  2*N*B*(T-1) + 2*H*B*R          (prefill + one token at a time with a KV cache)
-  scoring     rho: 2*N*B*T + 2*H*B*R; pi (old log-probs and shared values): 2*N*B*T + 2*H*B*R;
-              reward model: 2*N*B*T; separate value model: + 2*N*B*T
+  scoring     rho: 2*N*B*T + 2*H*B*(R+1) (its own query prefill, then the R response positions);
+              pi (old log-probs and shared values): 2*N*B*R + 2*H*B*R (the R response positions only,
+              continuing from the sampler's query prefix); reward model: 2*N*B*T;
+              separate value model: + 2*N*B*T
   training    E * 3 * (2*N*B*T + 2*H*B*R)  (forward + backward = 3x forward);
               separate value model: + E * 3 * 2*N*B*T; LoRA: backward ~1x forward (no weight grads), so 2x
 and divides by the measured time and a matmul peak measured in this process on the model's device, in the
@@ -62,7 +64,9 @@ def trunk_matmul_params(model) -> int:
 def update_flops(N, H, B, Q, R, E, value, lora) -> dict:
     T = Q + R
     gen = 2 * N * B * (T - 1) + 2 * H * B * R
-    score = 2 * (2 * N * B * T + 2 * H * B * R) + 2 * N * B * T + (2 * N * B * T if value == "separate" else 0)
+    rho = 2 * N * B * T + 2 * H * B * (R + 1)
+    pi = 2 * N * B * R + 2 * H * B * R
+    score = rho + pi + 2 * N * B * T + (2 * N * B * T if value == "separate" else 0)
     mult = 2 if lora else 3
     train = E * mult * (2 * N * B * T + 2 * H * B * R) + (E * 3 * 2 * N * B * T if value == "separate" else 0)
     return {"generation": gen, "scoring": score, "training": train, "total": gen + score + train}

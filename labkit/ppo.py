@@ -41,7 +41,7 @@ from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean
 from labkit.kl_controller import AdaptiveKLController, FixedKLController
 from labkit.optim import linear_decay_scheduler, make_optimizer
 from labkit.reward import RewardModel
-from labkit.sampling import Rollout, batch_slices, forward_responses, sample, unwrap
+from labkit.sampling import Rollout, batch_slices, forward_responses, prefix_rows, query_prefix, sample, unwrap
 from labkit.tasks import Task, format_query, get_task
 
 RewardFn = Callable[[list[str], list[str]], "list[float] | torch.Tensor"]
@@ -239,12 +239,24 @@ class PPOTrainer:
         return batch_slices(n, self._chunk_size(n))
 
     def _rho_logprobs(self, roll: Rollout) -> torch.Tensor:
-        """(B, R) rho's tempered log-probs of the sampled responses."""
+        """(B, R) rho's tempered log-probs of the sampled responses.
+
+        Where the rollout kept pi's query prefix, rho's passes take the same two steps as pi's scoring pass
+        (its own prefill of the queries, exactly as the sampler ran pi's, then the R response positions over
+        it), so that at equal weights both sides of the KL are equal bit for bit. If rho's cache has no plain
+        prefix, the rollout's is dropped and both score whole sequences.
+        """
         model = self.policy if self.rho is None else self.rho
         off = self.policy.disable_adapter() if self.rho is None else contextlib.nullcontext()
         with torch.no_grad(), off:
+            prefix = None
+            if roll.query_prefix is not None:
+                prefix = query_prefix(model, roll.query_ids, roll.query_lengths, self.config.generation_batch_size)
+                if prefix is None:
+                    roll.query_prefix = None
             return torch.cat([forward_responses(model, roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s],
-                                                self.task.temperature).logprobs for s in self._chunks(len(roll))])
+                                                self.task.temperature, prefix=prefix_rows(prefix, s)).logprobs
+                              for s in self._chunks(len(roll))])
 
     def _score(self, roll: Rollout, reward) -> torch.Tensor:
         """Scores (B,) of truncated responses; the task's penalty where no truncation token was found."""
@@ -259,12 +271,14 @@ class PPOTrainer:
                 raise ValueError(f"The reward function returned shape {tuple(scores.shape)}; expected one score per response ({len(roll)},).")
         return torch.where(roll.found, scores, torch.full_like(scores, self.task.penalty))
 
-    def _policy_and_values(self, q_ids, q_len, r_ids, want_entropy=False):
-        """New log-probs (B, R), values (B, R), and entropy for a batch, with gradients."""
+    def _policy_and_values(self, q_ids, q_len, r_ids, want_entropy=False, prefix=None):
+        """New log-probs (B, R), values (B, R), and entropy for a batch (with gradients, unless `prefix`:
+        pi's query prefix for these rows, for the no-grad scoring pass; see `forward_responses`)."""
         if self.value_head is not None:
-            out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, want_hidden=True)
+            out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy,
+                                    want_hidden=True, prefix=prefix)
             return out.logprobs, self.value_head(out.hidden), out.entropy
-        out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy)
+        out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, prefix=prefix)
         return out.logprobs, self.value_model(q_ids, q_len, r_ids), out.entropy
 
     # ------------------------------------------------------------------------------------------
@@ -279,22 +293,26 @@ class PPOTrainer:
         idx = self.rng.integers(0, len(self.queries), size=cfg.batch_size)
         with self._lock:
             roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
-                          generator=self.generator, batch_size=cfg.generation_batch_size)
+                          generator=self.generator, batch_size=cfg.generation_batch_size, keep_query_prefix=True)
             reward = self.reward  # read under the lock: an online refit swaps it between updates, never within
         t_gen = time.time()
 
         # 2. score the truncated responses
         scores = self._score(roll, reward)  # (B,)
 
-        # 3. rho's log-probs, and pi's old log-probs and values from one scoring pass. Not the sampler's
-        #    log-probs: KV-cache generation differs from a full pass by float noise (~1e-5), and with a large
-        #    beta reward whitening would blow that noise up into a training signal; both sides of the KL
-        #    must come from the same kind of pass.
+        # 3. rho's log-probs, and pi's old log-probs and values from one scoring pass over the R response
+        #    positions that continues from the sampler's own keys and values of the queries (pi's prefill is
+        #    not run twice). Not the sampler's log-probs: token-by-token generation differs from a pass over
+        #    the responses by float noise (~3e-5), and with a large beta reward whitening would blow that
+        #    noise up into a training signal; both sides of the KL come from the same kind of pass, rho's
+        #    with its own prefill of the queries (`_rho_logprobs`).
         ref_logprobs = self._rho_logprobs(roll)  # (B, R)
         with torch.no_grad():
-            old = [self._policy_and_values(roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s])
+            old = [self._policy_and_values(roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s],
+                                           prefix=prefix_rows(roll.query_prefix, s))
                    for s in self._chunks(len(roll))]
             old_logprobs, old_values = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])  # (B, R) each
+        roll.query_prefix = None  # (B, kv_heads, Q-1, d) per layer, ~190 MB on SmolLM2: not needed in training
         t_score = time.time()
 
         # 4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten keeping the mean

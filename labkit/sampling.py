@@ -63,6 +63,10 @@ class Rollout:
     found: torch.Tensor  # (B,) bool: a truncation token was found (else the score becomes the penalty)
     query_texts: list[str]
     response_texts: list[str]  # decoded truncated responses: what the reward model and labelers see
+    # The sampler's own keys and values of the queries' first Q-1 positions, one (keys, values) pair of
+    # (B, kv_heads, Q-1, head_dim) per layer, kept only when asked for (`sample(keep_query_prefix=True)`):
+    # PPO's scoring pass continues from them instead of running pi over the queries again.
+    query_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -101,21 +105,25 @@ def sample(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     response_length: int | None = None,
+    keep_query_prefix: bool = False,
 ) -> Rollout:
     """Sample exactly `task.response_length` tokens per query at the task temperature (top_k 0, top_p 1).
 
     `generator` makes sampling reproducible (it must live on the model's device). `batch_size` splits a
     large request into chunks to bound memory; all chunks share one left-padding width.
+    `keep_query_prefix` keeps the prefill's keys and values in `Rollout.query_prefix` (see `query_prefix`).
     """
     device = next(model.parameters()).device
     R = response_length or task.response_length
     query_ids, query_lengths = pad_left(queries, tokenizer.pad_token_id, device)
     step = batch_size or len(queries)
-    responses, logprobs = [], []
+    responses, logprobs, prefixes = [], [], []
     for start in range(0, len(queries), step):
-        ids, lp = _sample_chunk(model, query_ids[start : start + step], query_lengths[start : start + step], R, task.temperature, generator)
+        ids, lp, prefix = _sample_chunk(model, query_ids[start : start + step], query_lengths[start : start + step], R,
+                                        task.temperature, generator, keep_query_prefix)
         responses.append(ids)
         logprobs.append(lp)
+        prefixes.append(prefix)
     response_ids = torch.cat(responses)
     truncated_ids, truncated_lengths, found = truncate(response_ids, task, tokenizer)
     return Rollout(
@@ -128,7 +136,48 @@ def sample(
         found=found,
         query_texts=tokenizer.batch_decode(queries, skip_special_tokens=True),
         response_texts=decode_responses(tokenizer, truncated_ids, truncated_lengths),
+        query_prefix=_cat_prefixes(prefixes, query_ids.shape[1]) if keep_query_prefix else None,
     )
+
+
+def _prefix_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer, the (keys, values) (B, kv_heads, Q, head_dim) in a DynamicCache straight after a prefill, or
+    None where the cache is not plain per-position keys and values (a sliding window, say): PPO then scores
+    whole sequences. Later `update`s concatenate into new tensors, so these stay the prefill's."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def prefix_rows(prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: slice):
+    """The rows `rows` of a query prefix (views), or None for None."""
+    return None if prefix is None else [(k[rows], v[rows]) for k, v in prefix]
+
+
+def _cat_prefixes(prefixes: list, Q: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The first Q-1 positions of each chunk's prefill, joined over the chunks' rows (None if any chunk has none)."""
+    if Q < 2 or any(p is None for p in prefixes):
+        return None
+    return [(torch.cat([p[i][0][:, :, : Q - 1] for p in prefixes]), torch.cat([p[i][1][:, :, : Q - 1] for p in prefixes]))
+            for i in range(len(prefixes[0]))]
+
+
+@torch.no_grad()
+def query_prefix(model, query_ids: torch.Tensor, query_lengths: torch.Tensor,
+                 batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """`model`'s keys and values over the first Q-1 query positions, computed exactly as `sample` computes
+    its own (the same prefill call on the same chunks of rows), so that for equal weights they are equal bit
+    for bit. None where the model's cache is not plain keys and values (see `_prefix_of`)."""
+    B, Q = query_ids.shape
+    prefixes = []
+    for s in batch_slices(B, batch_size):
+        mask = left_pad_mask(query_lengths[s], Q)
+        _, _, cache = lm_forward(model, query_ids[s], mask, positions(mask), keep=1, use_cache=True)
+        prefixes.append(_prefix_of(cache))
+    return _cat_prefixes(prefixes, Q)
 
 
 def batch_slices(n: int, size: int | None) -> list[slice]:
@@ -204,8 +253,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
 
 
-def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
-    """KV-cache sampling loop: response_ids (B, R), logprobs (B, R).
+def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, keep_prefix=False):
+    """KV-cache sampling loop: response_ids (B, R), logprobs (B, R), and (if `keep_prefix`) the prefill's keys
+    and values per layer (`_prefix_of`), else None.
 
     The vocabulary head runs on one position per step (logits_to_keep=1).
     """
@@ -216,6 +266,7 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
     logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     logits, _, cache = lm_forward(model, query_ids, mask, pos, keep=1, use_cache=True)  # predicts response token 0
+    prefill = _prefix_of(cache) if keep_prefix else None  # taken now: the loop replaces the cache's tensors
     for t in range(R):
         logp = F.log_softmax(logits[:, -1].float() / temperature, dim=-1)  # (B, V)
         tok = sample_categorical(logp.exp(), generator)  # (B, 1)
@@ -226,7 +277,7 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator):
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         logits, _, cache = lm_forward(model, tok, mask, next_pos, keep=1, cache=cache, use_cache=True)
         next_pos = next_pos + 1
-    return tokens, logprobs
+    return tokens, logprobs, prefill
 
 
 class _TemperedLogprobs(torch.autograd.Function):
@@ -289,22 +340,40 @@ def forward_responses(
     want_entropy: bool = False,
     want_hidden: bool = False,
     want_logprobs: bool = True,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> ResponseForward:
     """Score `response_ids` (B, R) after left-padded queries under `model` (grad follows the caller).
 
     One forward pass; the vocabulary head is applied only at the R positions that predict response tokens
     (position Q-1+t predicts response token t), so no (B, Q+R, V) logits tensor is ever built.
     `want_logprobs=False` skips the head altogether (a value model needs only the hidden states).
+    `prefix`: `model`'s own keys and values of these rows' first Q-1 query positions (`query_prefix`,
+    `Rollout.query_prefix`); then only the R positions Q-1 .. Q+R-2 run, over that cache (no-grad scoring:
+    no gradient reaches the prefix). Equal to the whole pass up to float rounding (~2e-5 in a log-prob).
     """
     B, Q = query_ids.shape
     R = response_ids.shape[1]
-    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
-    mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)
-    keep = torch.arange(Q - 1, Q + R - 1, device=input_ids.device)  # position Q-1+t predicts response token t
+    mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)  # (B, Q+R)
+    pos = positions(mask)
+    if prefix is None:
+        input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
+        keep = torch.arange(Q - 1, Q + R - 1, device=input_ids.device)  # position Q-1+t predicts response token t
+        cache, first = None, Q - 1  # hidden states of interest start at position Q-1
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(prefix):
+            cache.update(k, v, layer)  # copies: the rollout's prefix stays as it was
+        input_ids = torch.cat([query_ids[:, Q - 1 :], response_ids[:, :-1]], dim=1)  # (B, R): positions Q-1 .. Q+R-2
+        mask, pos = mask[:, : Q + R - 1], pos[:, Q - 1 : Q + R - 1]
+        keep = torch.arange(R, device=input_ids.device)
+        first = 0
     if not want_logprobs:
         keep = keep[:0]  # no logits at all
-    logits, hidden, _ = lm_forward(model, input_ids, mask, positions(mask), keep, want_hidden=want_hidden)
-    h = hidden[:, Q - 1 : Q + R - 1] if want_hidden else None  # (B, R, H)
+    logits, hidden, _ = lm_forward(model, input_ids, mask, pos, keep, want_hidden=want_hidden, cache=cache,
+                                   use_cache=cache is not None)
+    h = hidden[:, first : first + R] if want_hidden else None  # (B, R, H)
     if not want_logprobs:
         return ResponseForward(logprobs=None, entropy=None, hidden=h)
     logprobs, entropy = tempered_logprobs(logits, response_ids, temperature, want_entropy)

@@ -77,8 +77,32 @@ def test_huge_beta_with_zero_reward_keeps_the_policy_at_rho(micro):
     model, tok = peaky_tiny()
     trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS,
                          config(init_beta=1e3, micro_batch_size=micro))
-    trainer.train(4, progress=False)
+    history = trainer.train(4, progress=False)
+    # before the first step pi and rho are the same weights and their scoring passes the same kind of pass
+    # (pi's continuing from the sampler's query prefix, rho's from its own): the KL is exactly zero
+    assert history[0]["objective/kl"] == 0.0
     assert abs(sequence_kl(trainer, 8)) < 1e-4
+
+
+def test_pis_scoring_pass_continues_from_the_samplers_query_prefix(monkeypatch):
+    import labkit.ppo
+
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS, config(micro_batch_size=4))
+    calls = []
+
+    def spy(m, q_ids, *args, prefix=None, **kw):
+        calls.append((m is trainer.policy, torch.is_grad_enabled(), prefix is not None))
+        if prefix is not None:  # rows of the prefix match the rows scored
+            assert all(k.shape[0] == q_ids.shape[0] and k.shape[2] == q_ids.shape[1] - 1 for k, _ in prefix)
+        return forward_responses(m, q_ids, *args, prefix=prefix, **kw)
+
+    monkeypatch.setattr(labkit.ppo, "forward_responses", spy)
+    trainer.step()
+    no_grad = [c for c in calls if not c[1]]
+    assert len(no_grad) == 8 and all(c[2] for c in no_grad)  # rho's 4 chunks and pi's 4, all over a prefix
+    assert sum(c[0] for c in no_grad) == 4
+    assert all(not c[2] for c in calls if c[1])  # training passes run whole sequences
 
 
 def test_bf16_autocast_on_a_cpu_still_learns_and_still_keeps_rho_under_a_huge_beta():

@@ -2,7 +2,8 @@ import torch
 
 import pytest
 
-from labkit.sampling import forward_responses, pad_left, sample, sample_categorical, score_logprobs, tempered_logprobs
+from labkit.sampling import (forward_responses, pad_left, prefix_rows, query_prefix, sample, sample_categorical, score_logprobs,
+                             tempered_logprobs)
 from labkit.tasks import SENTIMENT, TruncationRule
 
 
@@ -82,6 +83,28 @@ def test_forward_responses_entropy_and_hidden(tiny):
     out = forward_responses(model, q_ids, q_len, resp, 0.7, want_entropy=True, want_hidden=True)
     assert out.entropy.shape == (3, 4) and (out.entropy > 0).all()
     assert out.hidden.shape == (3, 4, model.config.hidden_size)
+
+
+def test_a_pass_over_the_query_prefix_equals_the_whole_pass(tiny):
+    model, tok = tiny
+    task = SENTIMENT.with_(response_length=6)
+    r = sample(model, tok, _queries(tok), task, generator=torch.Generator().manual_seed(1), batch_size=2,
+               keep_query_prefix=True)
+    Q = r.query_ids.shape[1]
+    assert sample(model, tok, _queries(tok), task, batch_size=2).query_prefix is None  # only when asked for
+    # the sampler's prefix is what query_prefix computes for the same model and chunks, bit for bit
+    again = query_prefix(model, r.query_ids, r.query_lengths, batch_size=2)
+    assert len(again) == model.config.num_hidden_layers == len(r.query_prefix)
+    for (k, v), (k2, v2) in zip(r.query_prefix, again):
+        assert k.shape[0] == 3 and k.shape[2] == Q - 1 and torch.equal(k, k2) and torch.equal(v, v2)
+    kept = [(k.clone(), v.clone()) for k, v in r.query_prefix]
+    whole = forward_responses(model, r.query_ids, r.query_lengths, r.response_ids, 0.7, want_hidden=True)
+    for rows in (slice(0, 3), slice(0, 1), slice(1, 3)):  # the whole batch, and rows of it (left padding differs)
+        part = forward_responses(model, r.query_ids[rows], r.query_lengths[rows], r.response_ids[rows], 0.7,
+                                 want_hidden=True, prefix=prefix_rows(r.query_prefix, rows))
+        torch.testing.assert_close(part.logprobs, whole.logprobs[rows], atol=1e-4, rtol=0)
+        torch.testing.assert_close(part.hidden, whole.hidden[rows], atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(r.query_prefix, kept))
 
 
 def test_tempered_logprobs_and_gradient_equal_the_plain_chain():

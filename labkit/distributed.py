@@ -159,6 +159,7 @@ def shard_model(model) -> None:
         return
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    from labkit.checkpointing import transformer_blocks
     from labkit.sampling import unwrap
 
     base = unwrap(model)
@@ -166,10 +167,10 @@ def shard_model(model) -> None:
         return  # already sharded (a reward model handed to a second trainer)
     mesh = _device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", world_size())
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
-    block_names = set(getattr(base, "_no_split_modules", None) or [])
-    block_names |= {n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()}
-    blocks = [m for m in base.modules() if type(m).__name__ in block_names]
+    extra = {n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()}
+    blocks = transformer_blocks(base, extra)
     if not blocks:
+        block_names = set(getattr(base, "_no_split_modules", None) or []) | extra
         raise RuntimeError(f"Found no transformer blocks to shard in {type(base).__name__} (looked for {sorted(block_names)}); "
                            "name the block class with `fsdp_transformer_layer_cls_to_wrap` in the accelerate config.")
     for block in blocks:

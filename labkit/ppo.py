@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from labkit import distributed
 from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean
+from labkit.checkpointing import checkpoint_blocks
 from labkit.kl_controller import AdaptiveKLController, FixedKLController
 from labkit.optim import linear_decay_scheduler, make_optimizer
 from labkit.reward import RewardModel
@@ -93,6 +94,11 @@ class PPOConfig:
     """LoRA scaling numerator (effective scale alpha / r)."""
     generation_batch_size: int | None = None
     """Rollouts sampled at once (memory bound); None = the whole batch."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (labkit/checkpointing.py; the policy's blocks, and the separate value model's): activation memory of
+    about one block, for one more forward pass per training pass (~1/3 more training compute). For a big
+    model or a small machine. Changes the policy model passed in (its blocks' classes), not its results."""
     seed: int = 0
     """Seeds prompt choice, sampling and minibatch order (all saved in checkpoints); process r of N uses
     seed + r * 100003."""
@@ -193,6 +199,11 @@ class PPOTrainer:
             else:
                 self.value_model = SeparateValueModel(copy.deepcopy(unwrap(policy)), ValueHead(d_model, self.device, p0.dtype).linear)
             self.value_model.requires_grad_(True).eval()
+
+        if cfg.gradient_checkpointing:
+            checkpoint_blocks(self.policy)
+            if self.value_model is not None:
+                checkpoint_blocks(self.value_model.lm)
 
         distributed.broadcast_parameters(self._trainable())  # every process starts from the main process's weights
         # Under an FSDP launch each model is split across the processes (a no-op otherwise). Sharding replaces

@@ -132,11 +132,12 @@ def test_tempered_logprobs_refuse_a_second_backward():
         lp.sum().backward()
 
 
-def test_sample_categorical_draws_each_index_with_its_probability():
+@pytest.mark.parametrize("block", [1024, 2, 3])  # one block; blocks of 2 and 3 (the last one padded, some empty)
+def test_sample_categorical_draws_each_index_with_its_probability(block):
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1e-3, 0.0, 0.0, 0.999, 0.0]])
     g = torch.Generator().manual_seed(0)
     n = 100_000
-    draws = torch.stack([sample_categorical(row.expand(n, 5), g)[:, 0] for row in probs])  # (3, n)
+    draws = torch.stack([sample_categorical(row.expand(n, 5), g, block)[:, 0] for row in probs])  # (3, n)
     freq = torch.stack([torch.bincount(d, minlength=5).double() / n for d in draws])  # (3, 5)
     # binomial standard error is at most 0.0016 at n = 100,000: 0.006 is about 4 of them
     torch.testing.assert_close(freq, probs.double(), atol=0.006, rtol=0)

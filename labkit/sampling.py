@@ -293,20 +293,29 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, ke
 
 
 class _TemperedLogprobs(torch.autograd.Function):
-    """log softmax(logits / T)[ids] with a backward that reuses the saved (B, R, V) buffer.
+    """log softmax(logits / T)[ids], computed in the logits' own buffer, with a backward that reuses it.
 
-    The plain chain (divide, log_softmax, gather) allocates and fills three (B, R, V) tensors in backward (the
-    gather's zeros, log_softmax's gradient, the division's gradient); on a CPU those passes over B*R*49,152
-    floats were about 7% of a training micro-batch on SmolLM2 (5.25 s -> 4.89 s, forward and backward of
-    16 x 88 tokens, measured A/B in one process). The gradient with respect to the logits is
-    (onehot(ids) - softmax) * g / T, written here into the saved log-softmax buffer itself, so the backward
-    allocates nothing of that size. That buffer is consumed: the graph can be backpropagated once.
+    A fresh (B, R, V) tensor is costly on a CPU: 75 MB for 16 x 24 x 49,152 floats, above glibc's mmap
+    threshold, so every one is new pages for the kernel to map and zero. The plain chain (divide, log_softmax,
+    gather) allocates two in forward and three in backward (the gather's zeros, log_softmax's gradient, the
+    division's gradient). Here the forward divides and takes the log-softmax in place in the logits tensor
+    (the head's output, used for nothing else: `tempered_logprobs` consumes it), and the backward writes the
+    gradient with respect to the logits, (onehot(ids) - softmax) * g / T, into that same buffer. Measured on
+    SmolLM2: the backward's reuse took a training micro-batch of 16 x 88 tokens from 5.25 to 4.89 s; the
+    forward's, divide + log-softmax from 47-157 ms to 8 ms per (16, 24, V) call (benchmarks/README.md).
+    The buffer is consumed: the graph can be backpropagated once. Logits that must not change (a leaf that
+    requires grad, or low-precision autocast logits, whose softmax runs in fp32) get a new buffer instead.
     """
 
     @staticmethod
     def forward(ctx, logits, ids, temperature):
-        low = logits.dtype in (torch.float16, torch.bfloat16)  # autocast's head output: softmax in fp32
-        logp_all = torch.log_softmax((logits.float() if low else logits) / temperature, dim=-1)  # (B, R, V)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # autocast's head output: softmax in fp32
+            logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
+        elif logits.requires_grad and logits.grad_fn is None:  # a leaf: autograd forbids changing it
+            logp_all = torch.log_softmax(logits / temperature, dim=-1)
+        else:  # in place (the CPU and CUDA kernels reduce each row before writing it)
+            logp_all = torch.log_softmax(logits.div_(temperature), dim=-1, out=logits)
+            ctx.mark_dirty(logits)
         ctx.save_for_backward(logp_all, ids)
         ctx.mark_non_differentiable(logp_all)
         ctx.temperature = temperature
@@ -325,12 +334,13 @@ class _TemperedLogprobs(torch.autograd.Function):
 def tempered_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
                       want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of `ids` (B, R) under softmax(logits / T) for logits (B, R, V), and optionally the
-    (B, R) entropy of that distribution (a metric: no gradient)."""
+    (B, R) entropy of that distribution (a metric: no gradient). Consumes `logits`: unless it is a leaf or
+    in low precision, it holds the log-softmax afterwards (see `_TemperedLogprobs`)."""
     logprobs, logp_all = _TemperedLogprobs.apply(logits, ids, temperature)
     entropy = None
     if want_entropy:  # computed before any backward consumes the buffer; holds no (B, R, V) tensor for backward
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = -torch.linalg.vecdot(logp_all.exp(), logp_all)  # one (B, R, V) temporary, not two
     return logprobs, entropy
 
 

@@ -122,6 +122,18 @@ def test_tempered_logprobs_and_gradient_equal_the_plain_chain():
     torch.testing.assert_close(fused_in.grad, naive_in.grad)
     p = torch.softmax(logits / 0.7, -1)
     torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))
+    # logits computed by an op (the head's output, as in a real pass) are divided and log-softmaxed in place;
+    # the gradient reaching the op's input is still the plain chain's
+    head_in = logits.clone().requires_grad_(True)
+    head_out = head_in * 1.0
+    buffer = head_out.data_ptr()
+    lp2, entropy2 = tempered_logprobs(head_out, ids, 0.7, want_entropy=True)
+    torch.testing.assert_close(head_out, torch.log_softmax(logits / 0.7, -1))  # the logits' buffer holds it now
+    assert head_out.data_ptr() == buffer
+    (lp2 * weights).sum().backward()
+    torch.testing.assert_close(lp2, naive_lp)
+    torch.testing.assert_close(head_in.grad, naive_in.grad)
+    torch.testing.assert_close(entropy2, entropy)
 
 
 def test_tempered_logprobs_refuse_a_second_backward():

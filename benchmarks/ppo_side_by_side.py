@@ -11,6 +11,7 @@ Standard library only: run it with any python3.
 TRL venv, once: see benchmarks/trl_reward_train.py. Then:
     python3 benchmarks/ppo_side_by_side.py --updates 3 --threads 2
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-micro-batch 4   # + labkit at micro-batch 4 (memory)
+    python3 benchmarks/ppo_side_by_side.py --updates 3 --also-checkpointing   # + labkit with gradient checkpointing (memory)
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-bf16   # + labkit with bf16 matmuls (not the fp32 comparison)
     python3 benchmarks/ppo_side_by_side.py --batch 8 --micro-batch 4 --response 4 --epochs 1 --updates 1   # smoke test
 """
@@ -35,6 +36,8 @@ def main():
     p.add_argument("--micro-batch", type=int, default=None, help="gradient accumulation chunk (default 16)")
     p.add_argument("--also-micro-batch", type=int, default=None,
                    help="one more labkit shared-head run at this micro-batch (smaller: less memory, slower)")
+    p.add_argument("--also-checkpointing", action="store_true",
+                   help="one more labkit shared-head run with gradient checkpointing (memory)")
     p.add_argument("--also-bf16", action="store_true",
                    help="one more labkit shared-head run with bf16 autocast (a CPU with AMX or AVX512-BF16); reported "
                         "apart: a different precision from TRL's fp32")
@@ -52,6 +55,7 @@ def main():
         also = run([args.labkit_python, "benchmarks/ppo_step.py", *[c for i, c in enumerate(common)
                     if c != "--micro-batch" and (i == 0 or common[i - 1] != "--micro-batch")],
                     "--micro-batch", str(args.also_micro_batch)])
+    ckpt = run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--gradient-checkpointing"]) if args.also_checkpointing else None
     bf16 = run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--bf16-autocast"]) if args.also_bf16 else None
     separate = None if args.skip_separate else run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--value", "separate"])
     trl = run([args.trl_python, "benchmarks/trl_ppo_step.py", *common])
@@ -72,6 +76,9 @@ def main():
             f"speedup_shared_micro{args.also_micro_batch}": round(trl_s / also["seconds_per_update"], 2),
             f"memory_ratio_shared_micro{args.also_micro_batch}": round(also["peak_rss_gib"] / trl["peak_rss_gib"], 3)}
            if also else {}),
+        **({"labkit_shared_checkpointing_s": ckpt["seconds_per_update"],
+            "speedup_shared_checkpointing": round(trl_s / ckpt["seconds_per_update"], 2),
+            "memory_ratio_shared_checkpointing": round(ckpt["peak_rss_gib"] / trl["peak_rss_gib"], 3)} if ckpt else {}),
         **({"labkit_shared_bf16_s": bf16["seconds_per_update"], "speedup_shared_bf16": round(trl_s / bf16["seconds_per_update"], 2),
             "labkit_shared_bf16_peak_rss_gib": bf16["peak_rss_gib"]} if bf16 else {}),
         "mfu": {name: r.get("mfu") for name, r in (("labkit_shared", shared), ("labkit_separate", separate)) if r},

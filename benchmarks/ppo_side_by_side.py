@@ -12,6 +12,7 @@ TRL venv, once: see benchmarks/trl_reward_train.py. Then:
     python3 benchmarks/ppo_side_by_side.py --updates 3 --threads 2
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-micro-batch 4   # + labkit at micro-batch 4 (memory)
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-checkpointing   # + labkit with gradient checkpointing (memory)
+    python3 benchmarks/ppo_side_by_side.py --updates 3 --also-lean   # + checkpointing and glibc returning freed memory
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-bf16   # + labkit with bf16 matmuls (not the fp32 comparison)
     python3 benchmarks/ppo_side_by_side.py --batch 8 --micro-batch 4 --response 4 --epochs 1 --updates 1   # smoke test
 """
@@ -38,6 +39,9 @@ def main():
                    help="one more labkit shared-head run at this micro-batch (smaller: less memory, slower)")
     p.add_argument("--also-checkpointing", action="store_true",
                    help="one more labkit shared-head run with gradient checkpointing (memory)")
+    p.add_argument("--also-lean", action="store_true",
+                   help="one more labkit shared-head run with gradient checkpointing and MALLOC_MMAP_THRESHOLD_=1048576 "
+                        "(glibc returns freed blocks of 1 MiB and more to the OS: the smallest footprint)")
     p.add_argument("--also-bf16", action="store_true",
                    help="one more labkit shared-head run with bf16 autocast (a CPU with AMX or AVX512-BF16); reported "
                         "apart: a different precision from TRL's fp32")
@@ -56,6 +60,8 @@ def main():
                     if c != "--micro-batch" and (i == 0 or common[i - 1] != "--micro-batch")],
                     "--micro-batch", str(args.also_micro_batch)])
     ckpt = run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--gradient-checkpointing"]) if args.also_checkpointing else None
+    lean = run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--gradient-checkpointing"],
+               env={"MALLOC_MMAP_THRESHOLD_": "1048576"}) if args.also_lean else None
     bf16 = run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--bf16-autocast"]) if args.also_bf16 else None
     separate = None if args.skip_separate else run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--value", "separate"])
     trl = run([args.trl_python, "benchmarks/trl_ppo_step.py", *common])
@@ -79,6 +85,9 @@ def main():
         **({"labkit_shared_checkpointing_s": ckpt["seconds_per_update"],
             "speedup_shared_checkpointing": round(trl_s / ckpt["seconds_per_update"], 2),
             "memory_ratio_shared_checkpointing": round(ckpt["peak_rss_gib"] / trl["peak_rss_gib"], 3)} if ckpt else {}),
+        **({"labkit_shared_lean_s": lean["seconds_per_update"],
+            "speedup_shared_lean": round(trl_s / lean["seconds_per_update"], 2),
+            "memory_ratio_shared_lean": round(lean["peak_rss_gib"] / trl["peak_rss_gib"], 3)} if lean else {}),
         **({"labkit_shared_bf16_s": bf16["seconds_per_update"], "speedup_shared_bf16": round(trl_s / bf16["seconds_per_update"], 2),
             "labkit_shared_bf16_peak_rss_gib": bf16["peak_rss_gib"]} if bf16 else {}),
         "mfu": {name: r.get("mfu") for name, r in (("labkit_shared", shared), ("labkit_separate", separate)) if r},

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -148,6 +149,7 @@ def main():
         "value": args.value, "lora_r": args.lora_r,
         "batch": args.batch, "query": args.query, "response": args.response, "epochs": args.epochs,
         "micro_batch": args.micro_batch, "threads": args.threads, "gradient_checkpointing": args.gradient_checkpointing,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # glibc's, when set (ppo_side_by_side --also-lean)
         "seconds_per_update": round(med, 2), "episodes_per_s": round(args.batch / med, 3),
         "generation_s": round(split["generation"], 2), "scoring_s": round(split["scoring"], 2),
         "optimization_s": round(split["optimization"], 2), "peak_rss_gib": round(peak_rss_gib, 2),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,9 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(cmd: list[str]) -> dict:
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a benchmark script (with extra environment variables `env`) and return its last JSON line."""
+    print("+", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, **(env or {})}).stdout
     line = [x for x in out.splitlines() if x.startswith("{")][-1]
     print(line, flush=True)
     return json.loads(line)

@@ -381,6 +381,9 @@ class PPOTrainer:
                         self.optimizer.step()
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
+                # the gradients are not needed until the next update's backward: freeing them now keeps its
+                # rollout and scoring passes one model size smaller (0.5 GiB on SmolLM2 in fp32)
+                self.optimizer.zero_grad(set_to_none=True)
 
                 # 7. adapt beta on this batch's KL (summed over tokens, mean over all processes' rollouts,
                 #    so that every process gets the same beta), report

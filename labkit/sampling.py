@@ -301,19 +301,20 @@ class _TemperedLogprobs(torch.autograd.Function):
     division's gradient). Here the forward divides and takes the log-softmax in place in the logits tensor
     (the head's output, used for nothing else: `tempered_logprobs` consumes it), and the backward writes the
     gradient with respect to the logits, (onehot(ids) - softmax) * g / T, into that same buffer. Measured on
-    SmolLM2: the backward's reuse took a training micro-batch of 16 x 88 tokens from 5.25 to 4.89 s; the
-    forward's, divide + log-softmax from 47-157 ms to 8 ms per (16, 24, V) call (benchmarks/README.md).
-    The buffer is consumed: the graph can be backpropagated once. Logits that must not change (a leaf that
-    requires grad, or low-precision autocast logits, whose softmax runs in fp32) get a new buffer instead.
+    SmolLM2 (A/B in one process): the backward's reuse took a training micro-batch of 16 x 88 tokens from
+    5.25 to 4.89 s; the forward's, a training micro-batch plus a scoring pass from 8.30 to 8.16 s.
+    The buffer is consumed: the graph can be backpropagated once. On a GPU (a caching allocator, no page
+    faults), for a leaf that requires grad, and for low-precision autocast logits (whose softmax runs in
+    fp32) the forward writes a new buffer instead.
     """
 
     @staticmethod
     def forward(ctx, logits, ids, temperature):
         if logits.dtype in (torch.float16, torch.bfloat16):  # autocast's head output: softmax in fp32
             logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
-        elif logits.requires_grad and logits.grad_fn is None:  # a leaf: autograd forbids changing it
+        elif logits.device.type != "cpu" or (logits.requires_grad and logits.grad_fn is None):  # a leaf: kept
             logp_all = torch.log_softmax(logits / temperature, dim=-1)
-        else:  # in place (the CPU and CUDA kernels reduce each row before writing it)
+        else:  # in place (the CPU kernel reduces each row before it writes the row)
             logp_all = torch.log_softmax(logits.div_(temperature), dim=-1, out=logits)
             ctx.mark_dirty(logits)
         ctx.save_for_backward(logp_all, ids)
@@ -334,8 +335,8 @@ class _TemperedLogprobs(torch.autograd.Function):
 def tempered_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
                       want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of `ids` (B, R) under softmax(logits / T) for logits (B, R, V), and optionally the
-    (B, R) entropy of that distribution (a metric: no gradient). Consumes `logits`: unless it is a leaf or
-    in low precision, it holds the log-softmax afterwards (see `_TemperedLogprobs`)."""
+    (B, R) entropy of that distribution (a metric: no gradient). Consumes `logits`: on a CPU, unless it is a
+    leaf or in low precision, it holds the log-softmax afterwards (see `_TemperedLogprobs`)."""
     logprobs, logp_all = _TemperedLogprobs.apply(logits, ids, temperature)
     entropy = None
     if want_entropy:  # computed before any backward consumes the buffer; holds no (B, R, V) tensor for backward

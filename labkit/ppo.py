@@ -146,6 +146,17 @@ class SeparateValueModel(nn.Module):
         return self.head(out.hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, R)
 
 
+def clipped_value_loss(vpred, old_values, returns, cliprange_value: float) -> tuple[torch.Tensor, float]:
+    """PPO2's value loss, 0.5 * mean(max((v - ret)^2, (v_clipped - ret)^2)) with v_clipped kept within
+    cliprange_value of the old values; all (B, R). Returns the loss and the fraction of clipped entries."""
+    vpredclipped = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses1 = (vpred - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    with torch.no_grad():
+        clipfrac = (vf_losses2 > vf_losses1).float().mean().item()
+    return 0.5 * torch.max(vf_losses1, vf_losses2).mean(), clipfrac
+
+
 def _as_prompt_texts(prompts) -> list[str]:
     return [p if isinstance(p, str) else p.text for p in prompts]
 
@@ -213,6 +224,8 @@ class PPOTrainer:
             if model is not None:
                 distributed.shard_model(model)
         self.params = self._trainable()
+        self._grad_buffer: torch.Tensor | None = None  # the gradients' storage during an update (_zero_gradients)
+        self._values_from_first_epoch = True  # see _first_value_epoch; tests switch it off to compare
         self.optimizer = make_optimizer(self.params, cfg.lr, cfg.optimizer)
         self.scheduler = linear_decay_scheduler(self.optimizer, cfg.total_updates)
         init_beta = cfg.init_beta if cfg.init_beta is not None else self.task.init_beta
@@ -241,6 +254,29 @@ class PPOTrainer:
         """What the optimiser updates: pi's trainable weights (all, or the LoRA adapters), then the value function's."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return params + list((self.value_head or self.value_model).parameters())
+
+    def _zero_gradients(self) -> None:
+        """Zero gradients before an optimiser step, as views into one flat buffer (plain tensors of one dtype).
+
+        Why: left to itself, autograd keeps the first micro-batch's gradient tensors as `.grad`: a few hundred
+        tensors allocated among that micro-batch's activations, which then stay for the whole update while
+        every later micro-batch's activations fit around them, so the C heap grows holes it cannot give back
+        (RSS well above the bytes in use). One buffer the size of the trainable weights is its own mapping,
+        outside the heap, and is freed with the gradients after the update. Backward adds into it in place.
+        Sharded (FSDP) or mixed-dtype parameters keep autograd's own gradients.
+        """
+        params = self.params
+        if self._grad_buffer is not None:
+            self._grad_buffer.zero_()
+            return
+        if len({(p.dtype, p.device) for p in params}) != 1 or any(type(p.data) is not torch.Tensor for p in params):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self._grad_buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = self._grad_buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     def _chunk_size(self, n: int) -> int:
         """Rollouts per no-grad scoring forward: micro_batch_size, so that one holds one chunk's (b, R, V) logits."""
@@ -282,15 +318,39 @@ class PPOTrainer:
                 raise ValueError(f"The reward function returned shape {tuple(scores.shape)}; expected one score per response ({len(roll)},).")
         return torch.where(roll.found, scores, torch.full_like(scores, self.task.penalty))
 
-    def _policy_and_values(self, q_ids, q_len, r_ids, want_entropy=False, prefix=None):
+    def _policy_and_values(self, q_ids, q_len, r_ids, want_entropy=False, prefix=None, separate_values=True):
         """New log-probs (B, R), values (B, R), and entropy for a batch (with gradients, unless `prefix`:
-        pi's query prefix for these rows, for the no-grad scoring pass; see `forward_responses`)."""
+        pi's query prefix for these rows, for the no-grad scoring pass; see `forward_responses`).
+        separate_values=False skips the separate value model (values None)."""
         if self.value_head is not None:
             out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy,
                                     want_hidden=True, prefix=prefix)
             return out.logprobs, self.value_head(out.hidden), out.entropy
         out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, prefix=prefix)
-        return out.logprobs, self.value_model(q_ids, q_len, r_ids), out.entropy
+        return out.logprobs, self.value_model(q_ids, q_len, r_ids) if separate_values else None, out.entropy
+
+    def _first_value_epoch(self, roll: Rollout, rewards: torch.Tensor, stats: dict) -> torch.Tensor:
+        """Epoch 1 of the separate value model's training (forward and backward in micro-batches); returns
+        its values (B, R), which are the old values.
+
+        Why here: with one minibatch no optimiser step comes before epoch 1's backward, so the values of its
+        forward are the old values. GAE needs all of them before the policy's loss (the advantages are
+        whitened over the batch), but the value loss needs only its own rows' returns (GAE runs along each
+        row). So the value model's epoch 1 runs first and its no-grad scoring pass (a whole forward over
+        B x (Q + R) tokens) is not needed. Its gradients stay in .grad for the policy's epoch 1 to join.
+        """
+        cfg, B = self.config, len(roll)
+        old_values = []
+        for s in self._chunks(B):
+            vpred = self.value_model(roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s])  # (b, R)
+            values = vpred.detach()
+            _, returns = compute_gae(rewards[s], values, gamma=cfg.gamma, lam=cfg.lam)  # these rows' returns only
+            vf_loss, vf_clipfrac = clipped_value_loss(vpred, values, returns, cfg.cliprange_value)
+            (cfg.vf_coef * vf_loss * (s.stop - s.start) / B).backward()  # as one minibatch, as in step 6
+            stats["vf_loss"].append(vf_loss.item())
+            stats["vf_clipfrac"].append(vf_clipfrac)
+            old_values.append(values)
+        return torch.cat(old_values)
 
     # ------------------------------------------------------------------------------------------
     # one update
@@ -317,12 +377,18 @@ class PPOTrainer:
         #    the responses by float noise (~3e-5), and with a large beta reward whitening would blow that
         #    noise up into a training signal; both sides of the KL come from the same kind of pass, rho's
         #    with its own prefill of the queries (`_rho_logprobs`).
+        #    A separate value model with one minibatch gets its old values from its first training epoch
+        #    instead (step 5, `_first_value_epoch`).
+        B = cfg.batch_size
+        mb = cfg.minibatch_size or B
+        values_from_training = self.value_model is not None and mb >= B and self._values_from_first_epoch
         ref_logprobs = self._rho_logprobs(roll)  # (B, R)
         with torch.no_grad():
             old = [self._policy_and_values(roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s],
-                                           prefix=prefix_rows(roll.query_prefix, s))
+                                           prefix=prefix_rows(roll.query_prefix, s), separate_values=not values_from_training)
                    for s in self._chunks(len(roll))]
-            old_logprobs, old_values = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])  # (B, R) each
+            old_logprobs = torch.cat([o[0] for o in old])  # (B, R)
+            old_values = None if values_from_training else torch.cat([o[1] for o in old])  # (B, R)
         roll.query_prefix = None  # (B, kv_heads, Q-1, d) per layer, ~190 MB on SmolLM2: not needed in training
         t_score = time.time()
 
@@ -334,13 +400,14 @@ class PPOTrainer:
             rewards = distributed.global_whiten(rewards, shift_mean=False)
 
         # 5. advantages (GAE) and returns; advantages whitened fully
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
+        if values_from_training:
+            self._zero_gradients()
+            old_values = self._first_value_epoch(roll, rewards, stats)  # (B, R); the value model's epoch 1 is done
         advantages, returns = compute_gae(rewards, old_values, gamma=cfg.gamma, lam=cfg.lam)
         advantages = distributed.global_whiten(advantages)
 
         # 6. PPO epochs. Interrupts are deferred so an update is applied whole or not at all.
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
-        B = cfg.batch_size
-        mb = cfg.minibatch_size or B
         micro = cfg.micro_batch_size or mb
         with _deferred_interrupt():
             with self._lock:
@@ -348,18 +415,22 @@ class PPOTrainer:
                     perm = torch.from_numpy(self.rng.permutation(B)).to(self.device)
                     for mb_start in range(0, B, mb):
                         mb_idx = perm[mb_start : mb_start + mb]
-                        self.optimizer.zero_grad(set_to_none=True)
+                        value_done = values_from_training and epoch == 0  # its gradients are in .grad already
+                        if not value_done:
+                            self._zero_gradients()
                         for mc_start in range(0, len(mb_idx), micro):
                             i = mb_idx[mc_start : mc_start + micro]
                             # entropy is reported for the first epoch only (the policy before this update's
                             # steps); later epochs skip its softmax over (micro, R, V)
                             logprobs, vpred, entropy = self._policy_and_values(
-                                roll.query_ids[i], roll.query_lengths[i], roll.response_ids[i], want_entropy=epoch == 0)
+                                roll.query_ids[i], roll.query_lengths[i], roll.response_ids[i], want_entropy=epoch == 0,
+                                separate_values=not value_done)
                             # clipped value loss around the old values
-                            vpredclipped = old_values[i] + (vpred - old_values[i]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-                            vf_losses1 = (vpred - returns[i]) ** 2
-                            vf_losses2 = (vpredclipped - returns[i]) ** 2
-                            vf_loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
+                            vf_loss = 0.0
+                            if vpred is not None:
+                                vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[i], returns[i], cfg.cliprange_value)
+                                stats["vf_loss"].append(vf_loss.item())
+                                stats["vf_clipfrac"].append(vf_clipfrac)
                             # clipped policy loss
                             logratio = logprobs - old_logprobs[i]
                             ratio = torch.exp(logratio)
@@ -370,9 +441,7 @@ class PPOTrainer:
                             (loss * len(i) / len(mb_idx)).backward()  # accumulate as if one minibatch
                             with torch.no_grad():
                                 stats["pg_loss"].append(pg_loss.item())
-                                stats["vf_loss"].append(vf_loss.item())
                                 stats["pg_clipfrac"].append((pg_losses2 > pg_losses).float().mean().item())
-                                stats["vf_clipfrac"].append((vf_losses2 > vf_losses1).float().mean().item())
                                 stats["approxkl"].append(0.5 * (logratio**2).mean().item())
                                 stats["ratio"].append(ratio.mean().item())
                                 if entropy is not None:
@@ -384,6 +453,7 @@ class PPOTrainer:
                 # the gradients are not needed until the next update's backward: freeing them now keeps its
                 # rollout and scoring passes one model size smaller (0.5 GiB on SmolLM2 in fp32)
                 self.optimizer.zero_grad(set_to_none=True)
+                self._grad_buffer = None
 
                 # 7. adapt beta on this batch's KL (summed over tokens, mean over all processes' rollouts,
                 #    so that every process gets the same beta), report

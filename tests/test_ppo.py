@@ -265,3 +265,60 @@ def test_gradient_accumulation_matches_one_minibatch():
 
     for a, b in zip(run(None), run(4)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_live_in_one_buffer_during_an_update_and_the_update_equals_autograds_own():
+    def run(own_buffer):
+        model, tok = peaky_tiny()
+        tr = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS,
+                        config(micro_batch_size=4, ppo_epochs=2))
+        if not own_buffer:
+            tr._zero_gradients = lambda: tr.optimizer.zero_grad(set_to_none=True)
+        storages, step = [], tr.optimizer.step
+
+        def spy(*a, **k):
+            storages.append({p.grad.untyped_storage().data_ptr() for p in tr.params})
+            return step(*a, **k)
+
+        tr.optimizer.step = spy
+        tr.step()
+        assert all(p.grad is None for p in tr.params)  # freed after the update
+        return [p.detach().clone() for p in tr.params], storages
+
+    a, storages = run(True)
+    b, own = run(False)
+    assert len(storages) == 2 and all(len(s) == 1 for s in storages)  # one buffer, at both optimiser steps
+    assert all(len(s) > 10 for s in own)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("micro", [None, 4])
+def test_a_separate_value_model_takes_its_old_values_from_its_first_epoch(micro):
+    """One minibatch: the value model's epoch-1 forward gives the old values, with no scoring pass of its own,
+    and the update equals the one with that scoring pass."""
+    def run(from_first_epoch):
+        model, tok = peaky_tiny()
+        torch.manual_seed(0)  # the reward model's head
+        rm = reward_model_from_lm(model, tok)
+        tr = PPOTrainer(model, tok, task(), rm, PROMPTS, config(value_model="separate", micro_batch_size=micro, ppo_epochs=2))
+        tr._values_from_first_epoch = from_first_epoch
+        grad_modes, forward = [], tr.value_model.forward
+
+        def spy(*a, **k):
+            grad_modes.append(torch.is_grad_enabled())
+            return forward(*a, **k)
+
+        tr.value_model.forward = spy
+        m = tr.step()
+        return [p.detach().clone() for p in tr.params], m, grad_modes
+
+    chunks = 16 // (micro or 16)
+    a, ma, modes_a = run(True)
+    b, mb, modes_b = run(False)
+    assert modes_a == [True] * 2 * chunks  # two training epochs, no no-grad pass
+    assert modes_b == [False] * chunks + [True] * 2 * chunks
+    for k in ("val/mean", "loss/value_avg", "loss/policy_avg", "objective/kl", "val/clipfrac_avg"):
+        assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-7), k
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

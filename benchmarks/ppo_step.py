@@ -11,7 +11,8 @@ Q = query, R = response, T = Q + R, E = PPO epochs:
   scoring     rho: 2*N*B*T + 2*H*B*(R+1) (its own query prefill, then the R response positions);
               pi (old log-probs and shared values): 2*N*B*R + 2*H*B*R (the R response positions only,
               continuing from the sampler's query prefix); reward model: 2*N*B*T;
-              separate value model: + 2*N*B*T
+              a separate value model adds nothing here: with one minibatch its old values come from
+              its first training epoch's forward (PPOTrainer._first_value_epoch)
   training    E * 3 * (2*N*B*T + 2*H*B*R)  (forward + backward = 3x forward);
               separate value model: + E * 3 * 2*N*B*T; LoRA: backward ~1x forward (no weight grads), so 2x
 and divides by the measured time and a matmul peak measured in this process on the model's device, in the
@@ -68,7 +69,7 @@ def update_flops(N, H, B, Q, R, E, value, lora) -> dict:
     gen = 2 * N * B * (T - 1) + 2 * H * B * R
     rho = 2 * N * B * T + 2 * H * B * (R + 1)
     pi = 2 * N * B * R + 2 * H * B * R
-    score = rho + pi + 2 * N * B * T + (2 * N * B * T if value == "separate" else 0)
+    score = rho + pi + 2 * N * B * T  # a separate value model's old values: from its training forward (1 minibatch)
     mult = 2 if lora else 3
     train = E * mult * (2 * N * B * T + 2 * H * B * R) + (E * 3 * 2 * N * B * T if value == "separate" else 0)
     # gradient checkpointing's recomputed forward is not counted: it is not the model's work, only the method's

@@ -274,13 +274,9 @@ def test_gradients_live_in_one_buffer_during_an_update_and_the_update_equals_aut
                         config(micro_batch_size=4, ppo_epochs=2))
         if not own_buffer:
             tr._zero_gradients = lambda: tr.optimizer.zero_grad(set_to_none=True)
-        storages, step = [], tr.optimizer.step
-
-        def spy(*a, **k):
-            storages.append({p.grad.untyped_storage().data_ptr() for p in tr.params})
-            return step(*a, **k)
-
-        tr.optimizer.step = spy
+        storages = []  # per optimiser step: the storages holding the gradients
+        tr.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: storages.append({p.grad.untyped_storage().data_ptr() for p in tr.params}))
         tr.step()
         assert all(p.grad is None for p in tr.params)  # freed after the update
         return [p.detach().clone() for p in tr.params], storages

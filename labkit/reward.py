@@ -234,6 +234,7 @@ class RewardModel(nn.Module):
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from labkit.attention import use_grouped_attention
         from labkit.models import _setup_tokenizer, pick_device, pick_dtype
 
         folder = Path(folder)
@@ -244,6 +245,7 @@ class RewardModel(nn.Module):
         dev = pick_device(device)
         config = AutoConfig.from_pretrained(folder / "lm_config.json")
         lm = AutoModelForCausalLM.from_config(config)
+        use_grouped_attention(lm)  # as load_lm does (labkit/attention.py)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         _setup_tokenizer(tokenizer)
         rm = cls(lm, tokenizer)

@@ -310,6 +310,7 @@ class _TemperedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, temperature):
+        ctx.set_materialize_grads(False)  # else backward gets a zero-filled (B, R, V) for the second output
         if logits.dtype in (torch.float16, torch.bfloat16):  # autocast's head output: softmax in fp32
             logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
         elif logits.device.type != "cpu" or (logits.requires_grad and logits.grad_fn is None):  # a leaf: kept
@@ -325,6 +326,8 @@ class _TemperedLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_logp_all):
+        if grad is None:  # only the buffer was used (no materialised zeros: see forward)
+            return None, None, None
         logp_all, ids = ctx.saved_tensors  # a second backward fails here: autograd sees the buffer was modified
         g = (grad / ctx.temperature).unsqueeze(-1)  # (B, R, 1)
         out = logp_all.exp_().mul_(-g)  # -softmax * g / T, in place
@@ -379,7 +382,9 @@ def forward_responses(
     mask = torch.cat([left_pad_mask(query_lengths, Q), query_lengths.new_ones(B, R)], dim=1)  # (B, Q+R)
     pos = positions(mask)
     if prefix is None:
-        input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Q+R)
+        # the last response token is input to nothing: positions 0 .. Q+R-2 only (causal, so the rest are unchanged)
+        input_ids = torch.cat([query_ids, response_ids[:, :-1]], dim=1)  # (B, Q+R-1)
+        mask, pos = mask[:, : Q + R - 1], pos[:, : Q + R - 1]
         keep = torch.arange(Q - 1, Q + R - 1, device=input_ids.device)  # position Q-1+t predicts response token t
         cache, first = None, Q - 1  # hidden states of interest start at position Q-1
     else:

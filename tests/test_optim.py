@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from labkit import optim
 from labkit.optim import TFAdam, linear_decay_scheduler, make_optimizer
 
 
@@ -47,7 +48,10 @@ def naive_tf_adam(p0, grads, lrs, b1=0.9, b2=0.999, eps=1e-5):
     return p
 
 
-def test_several_steps_match_numpy_with_groups_and_scheduler():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "per-tensor-loop"])
+def test_several_steps_match_numpy_with_groups_and_scheduler(fused, monkeypatch):
+    # fused: PyTorch's fused Adam kernel with TF's eps rescaled (plain tensors); the loop: sharded parameters
+    monkeypatch.setattr(optim, "_fusable", lambda p: fused)
     rng = np.random.default_rng(0)
     p0a, p0b = rng.normal(size=(3, 2)), rng.normal(size=4)
     grads_a = [rng.normal(size=(3, 2)) * 10.0 ** rng.integers(-6, 1) for _ in range(6)]

@@ -1,19 +1,21 @@
-"""Attention over short sequences on a CPU: the query heads that share a key/value head as one matrix product.
+"""Attention over short padded sequences on a CPU: the query heads that share a key/value head as one product.
 
 Why: PPO on the sentiment and descriptiveness tasks attends over 88 positions (64 query + 24 response
-tokens). There, PyTorch's CPU flash-attention kernel (what transformers' SDPA path runs) spends more time on
-its tiling than on the arithmetic, and for grouped-query attention (SmolLM2: 9 query heads over 3
-key/value heads) transformers first copies every key/value head out to its 3 query heads. Here each group of
-query heads is stacked into one (n_rep * q, D) matrix against its own (S, D) keys: two batched matrix
-products forward, five backward (with the softmax probabilities kept from the forward), no copies of the keys
-and values. Measured on SmolLM2's shapes (`python benchmarks/attention.py`): 16 rows x 88 positions, forward
-and backward per layer 16.0 -> 8.5 ms; a no-gradient forward 4.4 -> 3.1 ms. The probabilities kept for the
-backward are B x H x q x S floats per layer (4.5 MB at 16 x 9 x 88 x 88); with longer keys both that memory
-and the time grow with S^2, and flash attention wins beyond about 128 keys (96 without gradients).
+tokens), and queries of different lengths are left-padded, so every call carries a padding mask. With a mask,
+PyTorch's CPU flash-attention kernel (what transformers' SDPA path runs) spends more time on its tiling than on
+the arithmetic, and for grouped-query attention (SmolLM2: 9 query heads over 3 key/value heads) transformers
+first copies every key/value head out to its 3 query heads. Here each group of query heads is stacked into one
+(n_rep * q, D) matrix against its own (S, D) keys: two batched matrix products forward, five backward (with the
+softmax probabilities kept from the forward), no copies of the keys and values. Measured side by side on
+SmolLM2's shapes, 16 rows (`python benchmarks/attention.py`): with a padding mask, forward and backward per
+layer 1.4x faster at 64 and 88 keys, 1.1x at 128; a no-gradient forward 1.1-1.2x at 64-88 keys, slower
+from 128. Without a mask (queries all of one length) SDPA's causal kernel is as fast, and past those lengths
+flash attention wins (the kept probabilities, B x H x q x S floats per layer, 4.5 MB at 16 x 9 x 88 x 88,
+grow with S^2 too).
 
 `use_grouped_attention(model)` switches a Hugging Face model to `grouped_attention`, which hands every case
-it does not cover to transformers' own SDPA function unchanged: a GPU, another dtype than fp32 or bf16
-autocast, dropout, one query position (decoding, where transformers packs the heads itself), more keys
+it does not cover to transformers' own SDPA function unchanged: no mask, a GPU, another dtype than fp32 or
+bf16 autocast, dropout, one query position (decoding, where transformers packs the heads itself), more keys
 than `MAX_KEYS`, and the extras some models pass (soft-capping, position biases, attention weights out).
 The masks are transformers' SDPA masks (True = attend), so padding and sliding windows behave as under SDPA.
 """
@@ -33,7 +35,7 @@ class _GroupedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v, with the n_rep query heads of each key/value head as one matrix.
 
     query (B, H, q, D), key and value (B, KV, S, D) with H = KV * n_rep (head h reads key/value head
-    h // n_rep, as transformers' `repeat_kv`), bias (b, 1, q, S) additive with b in {1, B}, or None.
+    h // n_rep, as transformers' `repeat_kv`), bias (b, 1, q, S) additive with b in {1, B}.
     Returns (B, H, q, D).
     """
 
@@ -44,8 +46,7 @@ class _GroupedAttention(torch.autograd.Function):
         n = H // KV
         qg = query.reshape(B, KV, n * q, D)  # the group's query heads stacked: (B, KV, n*q, D)
         scores = torch.matmul(qg, key.transpose(-1, -2)).mul_(scale)  # (B, KV, n*q, S)
-        if bias is not None:
-            scores.view(B, KV, n, q, S).add_(bias.unsqueeze(2))  # bias (b, 1, 1, q, S) over every head
+        scores.view(B, KV, n, q, S).add_(bias.unsqueeze(2))  # bias (b, 1, 1, q, S) over every head
         probs = torch.softmax(scores, dim=-1)  # (B, KV, n*q, S)
         out = torch.matmul(probs, value)  # (B, KV, n*q, D)
         ctx.save_for_backward(qg, key, value, probs, out)
@@ -67,14 +68,10 @@ class _GroupedAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None
 
 
-def _additive_bias(mask: torch.Tensor | None, causal: bool, q: int, S: int, like: torch.Tensor) -> torch.Tensor | None:
+def _additive_bias(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(b, 1, q, S) bias to add to the scores: 0 where a position may be attended, the dtype's lowest finite
     value where not (finite, so that a row with nothing to attend, a left-padding position's own row, gives
-    finite numbers that nothing reads, where -inf would give NaN and NaN gradients). None: no mask at all."""
-    if mask is None:
-        if not causal:
-            return None
-        mask = torch.ones(q, S, dtype=torch.bool, device=like.device).tril()[None, None]  # (1, 1, q, S); q == S here
+    finite numbers that nothing reads, where -inf would give NaN and NaN gradients)."""
     if mask.dtype != torch.bool:  # already additive
         return mask.to(like.dtype)
     return torch.full(mask.shape, torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device).masked_fill_(mask, 0.0)
@@ -86,20 +83,18 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     value (B, KV, S, D), the SDPA mask (b, 1, q, S) or None; returns ((B, q, H, D), None)."""
     B, H, q, D = query.shape
     KV, S = key.shape[1], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     plain = (
-        query.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+        attention_mask is None or query.device.type != "cpu" or torch.is_autocast_enabled("cpu")
         or any(t.dtype != torch.float32 for t in (query, key, value))
         or dropout > 0 or q == 1 or S > MAX_KEYS[grad] or H % KV or value.shape[-1] != D
         or position_bias is not None or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
-        or (attention_mask is None and causal and q != S)
-        or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
+        or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
     )
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
-    bias = _additive_bias(attention_mask, causal, q, S, query)
+    bias = _additive_bias(attention_mask, query)
     scale = scaling if scaling is not None else D**-0.5
     out = _GroupedAttention.apply(query, key, value, bias, scale)  # (B, H, q, D)
     return out.transpose(1, 2).contiguous(), None

@@ -46,32 +46,25 @@ def test_equals_sdpa_with_left_padding_outputs_and_gradients(heads, kv_heads, q_
         assert torch.isfinite(a).all()
 
 
-def test_no_mask_is_causal_and_non_causal_modules_attend_everywhere():
-    torch.manual_seed(1)
-    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
-    causal_mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
-    out, _ = grouped_attention(SimpleNamespace(is_causal=True), q, k, v, None)
-    torch.testing.assert_close(out, reference(q, k, v, causal_mask).transpose(1, 2))
-    out, _ = grouped_attention(SimpleNamespace(is_causal=False), q, k, v, None)
-    torch.testing.assert_close(out, reference(q, k, v, None).transpose(1, 2))
-
-
 def test_cases_it_does_not_cover_go_to_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw) or ("sdpa", None))
     module = SimpleNamespace(is_causal=True, num_key_value_groups=2)
-    k = torch.randn(1, 2, 6, 8)
-    decoding = torch.randn(1, 4, 1, 8)
-    assert grouped_attention(module, decoding, k, k, None)[0] == "sdpa"
+
+    def mask(q, S):
+        return torch.ones(q, S, dtype=torch.bool).tril(S - q)[None, None]
+
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    assert grouped_attention(module, q, k, k, None)[0] == "sdpa"  # no mask: SDPA's causal kernel is as fast
+    assert grouped_attention(module, q[:, :, -1:], k, k, mask(1, 6))[0] == "sdpa"  # decoding
     long_keys = torch.randn(1, 2, attention.MAX_KEYS[False] + 1, 8)
     with torch.no_grad():
-        assert grouped_attention(module, torch.randn(1, 4, 6, 8), long_keys, long_keys, None)[0] == "sdpa"
-    assert grouped_attention(module, torch.randn(1, 4, 6, 8), k, k, None, dropout=0.1)[0] == "sdpa"
-    bf16 = torch.randn(1, 4, 6, 8, dtype=torch.bfloat16)
-    assert grouped_attention(module, bf16, k.bfloat16(), k.bfloat16(), None)[0] == "sdpa"
-    assert len(calls) == 4
-    out, _ = grouped_attention(module, torch.randn(1, 4, 6, 8), k, k, None)  # the case it covers
-    assert out.shape == (1, 6, 4, 8) and len(calls) == 4
+        assert grouped_attention(module, q, long_keys, long_keys, mask(6, long_keys.shape[2]))[0] == "sdpa"
+    assert grouped_attention(module, q, k, k, mask(6, 6), dropout=0.1)[0] == "sdpa"
+    assert grouped_attention(module, q.bfloat16(), k.bfloat16(), k.bfloat16(), mask(6, 6))[0] == "sdpa"
+    assert len(calls) == 5
+    out, _ = grouped_attention(module, q, k, k, mask(6, 6))  # the case it covers
+    assert out.shape == (1, 6, 4, 8) and len(calls) == 5
 
 
 def test_a_model_with_grouped_attention_matches_sdpa_and_runs_the_grouped_kernel(tiny, monkeypatch):

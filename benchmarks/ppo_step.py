@@ -13,8 +13,9 @@ Q = query, R = response, T = Q + R, E = PPO epochs:
               continuing from the sampler's query prefix); reward model: 2*N*B*T;
               a separate value model adds nothing here: with one minibatch its old values come from
               its first training epoch's forward (PPOTrainer._first_value_epoch)
-  training    E * 3 * (2*N*B*T + 2*H*B*R)  (forward + backward = 3x forward);
-              separate value model: + E * 3 * 2*N*B*T; LoRA: backward ~1x forward (no weight grads), so 2x
+  training    E * 3 * (2*N*B*(T-1) + 2*H*B*R)  (forward + backward = 3x forward; the last response token is
+              input to nothing, so positions 0 .. T-2 run); separate value model: + E * 3 * 2*N*B*(T-1);
+              LoRA: backward ~1x forward (no weight grads), so 2x
 and divides by the measured time and a matmul peak measured in this process on the model's device, in the
 dtype the matmuls run in: fp32 on CPU; bf16 on CUDA (fp32 weights, bf16 autocast), where the peak is that of
 large 8192^3 products, so a 135M model's small matmuls reach only a few percent of it. The peak is measured
@@ -71,7 +72,7 @@ def update_flops(N, H, B, Q, R, E, value, lora) -> dict:
     pi = 2 * N * B * R + 2 * H * B * R
     score = rho + pi + 2 * N * B * T  # a separate value model's old values: from its training forward (1 minibatch)
     mult = 2 if lora else 3
-    train = E * mult * (2 * N * B * T + 2 * H * B * R) + (E * 3 * 2 * N * B * T if value == "separate" else 0)
+    train = E * mult * (2 * N * B * (T - 1) + 2 * H * B * R) + (E * 3 * 2 * N * B * (T - 1) if value == "separate" else 0)
     # gradient checkpointing's recomputed forward is not counted: it is not the model's work, only the method's
     return {"generation": gen, "scoring": score, "training": train, "total": gen + score + train}
 

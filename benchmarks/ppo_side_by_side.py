@@ -10,6 +10,7 @@ Standard library only: run it with any python3.
 
 TRL venv, once: see benchmarks/trl_reward_train.py. Then:
     python3 benchmarks/ppo_side_by_side.py --updates 3 --threads 2
+    python3 benchmarks/ppo_side_by_side.py --updates 2 --rounds 3 --skip-separate   # shared head and TRL, ABBA
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-micro-batch 4   # + labkit at micro-batch 4 (memory)
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-checkpointing   # + labkit with gradient checkpointing (memory)
     python3 benchmarks/ppo_side_by_side.py --updates 3 --also-lean   # + checkpointing and glibc returning freed memory
@@ -21,8 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 from reward_train_side_by_side import ROOT, run  # this script's folder is on sys.path
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median seconds per update (with an even count, its seconds are the two middle ones' mean)."""
+    runs = sorted(runs, key=lambda r: r["seconds_per_update"])
+    mid = dict(runs[(len(runs) - 1) // 2])
+    mid["seconds_per_update"] = round(statistics.median(r["seconds_per_update"] for r in runs), 2)
+    return mid
 
 
 def main():
@@ -45,6 +55,9 @@ def main():
     p.add_argument("--also-bf16", action="store_true",
                    help="one more labkit shared-head run with bf16 autocast (a CPU with AMX or AVX512-BF16); reported "
                         "apart: a different precision from TRL's fp32")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run labkit's shared head and TRL this many times, alternating which goes first (ABBA), "
+                        "and compare medians: this machine's speed drifts over the minutes one run takes")
     p.add_argument("--labkit-python", default=str(ROOT / ".venv" / "bin" / "python"))
     p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python")
     args = p.parse_args()
@@ -53,7 +66,7 @@ def main():
     for flag in ("batch", "query", "response", "epochs", "micro_batch"):
         if getattr(args, flag) is not None:
             common += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    shared = run([args.labkit_python, "benchmarks/ppo_step.py", *common])
+    shared_runs, trl_runs = [run([args.labkit_python, "benchmarks/ppo_step.py", *common])], []
     also = None
     if args.also_micro_batch:
         also = run([args.labkit_python, "benchmarks/ppo_step.py", *[c for i, c in enumerate(common)
@@ -64,13 +77,23 @@ def main():
                env={"MALLOC_MMAP_THRESHOLD_": "1048576"}) if args.also_lean else None
     bf16 = run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--bf16-autocast"]) if args.also_bf16 else None
     separate = None if args.skip_separate else run([args.labkit_python, "benchmarks/ppo_step.py", *common, "--value", "separate"])
-    trl = run([args.trl_python, "benchmarks/trl_ppo_step.py", *common])
+    trl_runs.append(run([args.trl_python, "benchmarks/trl_ppo_step.py", *common]))
+    for r in range(1, args.rounds):  # TRL first in odd rounds, labkit first in even ones
+        pair = [lambda: trl_runs.append(run([args.trl_python, "benchmarks/trl_ppo_step.py", *common])),
+                lambda: shared_runs.append(run([args.labkit_python, "benchmarks/ppo_step.py", *common]))]
+        for go in pair if r % 2 else pair[::-1]:
+            go()
+    shared, trl = median_run(shared_runs), median_run(trl_runs)
 
     trl_s = trl["seconds_per_update"]
     default_shapes = all(getattr(args, f) is None for f in ("batch", "query", "response", "epochs", "micro_batch"))
     out = {
         "benchmark": "ppo_side_by_side", "updates": args.updates, "threads": args.threads,
         **{k: trl[k] for k in ("batch", "query", "response", "epochs", "micro_batch")},
+        "rounds": [{"labkit_shared_s": a["seconds_per_update"], "trl_s": b["seconds_per_update"],
+                    "speedup_shared": round(b["seconds_per_update"] / a["seconds_per_update"], 3),
+                    "fp32_matmul_peak_gflops": [a.get("fp32_matmul_peak_gflops"), b.get("fp32_matmul_peak_gflops")]}
+                   for a, b in zip(shared_runs, trl_runs)],
         "labkit_shared_s": shared["seconds_per_update"],
         "labkit_separate_s": separate["seconds_per_update"] if separate else None,
         "trl_s": trl_s,

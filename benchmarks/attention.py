@@ -3,7 +3,8 @@
 SmolLM2's attention shapes (9 query heads over 3 key/value heads, head size 64), rows x positions as in PPO
 (16 rows per micro-batch), key lengths from 64 to 384, with and without gradients, with a padding mask (the
 usual case: left-padded queries) and without one (queries of one length: transformers passes no mask and SDPA
-runs its causal kernel). Inputs are laid out as transformers hands them over (views of (B, T, heads, D)).
+runs its causal kernel; the grouped arm then gets the causal mask spelled out). Inputs are laid out as
+transformers hands them over (views of (B, T, heads, D)).
 Both arms alternate in one process; medians of `--repeats` calls. Prints one JSON line at the end; the
 crossover it shows is `labkit.attention.MAX_KEYS`.
 
@@ -46,14 +47,18 @@ def main():
         leaves = [torch.randn(B, T, h, D, requires_grad=True) for h in (H, KV, KV)]
         pad = torch.zeros(B, T, dtype=torch.bool)
         pad[::2, :8] = True  # every other row left-padded by 8
-        padded = (torch.ones(T, T, dtype=torch.bool).tril()[None] & ~pad[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        padded = (causal[None] & ~pad[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
         grad_out = torch.randn(B, T, H, D)
         for mask_name, mask in (("padding mask", padded), ("no mask", None)):
             for grad in (True, False):
                 def call(fn):
                     q, k, v = (t.transpose(1, 2) for t in leaves)  # (B, heads, T, D) views, as transformers has them
                     with torch.set_grad_enabled(grad):
-                        out, _ = fn(module, q, k, v, mask, scaling=D**-0.5)
+                        # without a mask labkit hands over to SDPA; the grouped arm gets the causal mask spelled
+                        # out, to show what its kernel would do there
+                        m = causal[None, None] if mask is None and fn is grouped_attention else mask
+                        out, _ = fn(module, q, k, v, m, scaling=D**-0.5)
                         if grad:
                             out.backward(grad_out)
                 times = {name: [] for name in arms}

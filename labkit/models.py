@@ -229,7 +229,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device=dev, dtype=dt)
     accumulate_vocab_grads_in_place(model)  # no (V, H) gradient tensors per micro-batch (labkit/inplace_grads.py)
-    use_grouped_attention(model)  # short sequences on a CPU (labkit/attention.py); SDPA otherwise
+    use_grouped_attention(model)  # short padded sequences on a CPU (labkit/attention.py); SDPA otherwise
     model.labkit_bf16_autocast = bf16_autocast  # read by sampling.autocast_for; copies of the model keep it
     model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
     return model, tokenizer

@@ -69,7 +69,7 @@ class TFAdam(torch.optim.Optimizer):
                 # SmolLM2 on a CPU: 0.28 -> 0.05 s a step) computes lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t)
                 # + eps'), the step above exactly when eps' = eps / sqrt(1 - b2^t).
                 states = [self.state[p] for p in params]
-                steps = [torch.tensor(float(t)) for _ in params]  # the kernel counts these up
+                steps = [torch.tensor(float(t), device=p.device) for p in params]  # the kernel counts these up
                 adam.adam(params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                           [], steps, fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0,
                           eps=eps / math.sqrt(1.0 - beta2 ** (t + 1)), maximize=False)

@@ -37,6 +37,8 @@ def test_equals_sdpa_with_left_padding_outputs_and_gradients(heads, kv_heads, q_
     real_row = allowed.squeeze(1).any(-1)  # (B, q_len): rows that attend to something
     torch.testing.assert_close(out[real_row], ref[real_row], rtol=1e-5, atol=1e-6)
     assert torch.isfinite(out).all()  # rows with nothing to attend give finite numbers (never read), not NaN
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)  # a float mask is added as it is
+    torch.testing.assert_close(grouped_attention(module, q, k, v, additive)[0][real_row], out[real_row])
 
     g = torch.randn_like(ref) * real_row[:, :, None, None]  # downstream of a padding row nothing reads it
     grads = torch.autograd.grad(out, (q, k, v), g)

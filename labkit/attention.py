@@ -81,7 +81,7 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
                       is_causal: bool | None = None, position_bias=None, **kwargs):
     """transformers' attention-function interface (as `sdpa_attention_forward`): query (B, H, q, D), key and
     value (B, KV, S, D), the SDPA mask (b, 1, q, S) or None; returns ((B, q, H, D), None)."""
-    B, H, q, D = query.shape
+    _, H, q, D = query.shape
     KV, S = key.shape[1], key.shape[2]
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     plain = (

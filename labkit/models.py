@@ -195,6 +195,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     from transformers import AutoModelForCausalLM
 
     from labkit.attention import use_grouped_attention
+    from labkit.fused import use_fused_kernels
 
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -230,6 +231,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     model.to(device=dev, dtype=dt)
     accumulate_vocab_grads_in_place(model)  # no (V, H) gradient tensors per micro-batch (labkit/inplace_grads.py)
     use_grouped_attention(model)  # short padded sequences on a CPU (labkit/attention.py); SDPA otherwise
+    use_fused_kernels(model)  # compiled RMSNorm and SwiGLU on a CPU for Llama-family models (labkit/fused.py)
     model.labkit_bf16_autocast = bf16_autocast  # read by sampling.autocast_for; copies of the model keep it
     model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
     return model, tokenizer

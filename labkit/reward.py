@@ -235,6 +235,7 @@ class RewardModel(nn.Module):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from labkit.attention import use_grouped_attention
+        from labkit.fused import use_fused_kernels
         from labkit.models import _setup_tokenizer, pick_device, pick_dtype
 
         folder = Path(folder)
@@ -245,7 +246,8 @@ class RewardModel(nn.Module):
         dev = pick_device(device)
         config = AutoConfig.from_pretrained(folder / "lm_config.json")
         lm = AutoModelForCausalLM.from_config(config)
-        use_grouped_attention(lm)  # as load_lm does (labkit/attention.py)
+        use_grouped_attention(lm)  # as load_lm does (labkit/attention.py, labkit/fused.py)
+        use_fused_kernels(lm)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         _setup_tokenizer(tokenizer)
         rm = cls(lm, tokenizer)

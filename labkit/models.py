@@ -196,6 +196,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
 
     from labkit.attention import use_grouped_attention
     from labkit.fused import use_fused_kernels
+    from labkit.sampling import prune_last_mlp
 
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -232,6 +233,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     accumulate_vocab_grads_in_place(model)  # no (V, H) gradient tensors per micro-batch (labkit/inplace_grads.py)
     use_grouped_attention(model)  # short padded sequences on a CPU (labkit/attention.py); SDPA otherwise
     use_fused_kernels(model)  # compiled RMSNorm and SwiGLU on a CPU for Llama-family models (labkit/fused.py)
+    prune_last_mlp(model)  # the last block's MLP only where outputs are read (sampling.lm_forward's `only`)
     model.labkit_bf16_autocast = bf16_autocast  # read by sampling.autocast_for; copies of the model keep it
     model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
     return model, tokenizer

@@ -12,6 +12,7 @@ Conventions (shapes): B batch, Q query length (left-padded), R response length, 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 
@@ -175,7 +176,7 @@ def query_prefix(model, query_ids: torch.Tensor, query_lengths: torch.Tensor,
     prefixes = []
     for s in batch_slices(B, batch_size):
         mask = left_pad_mask(query_lengths[s], Q)
-        _, _, cache = lm_forward(model, query_ids[s], mask, positions(mask), keep=1, use_cache=True)
+        _, _, cache = lm_forward(model, query_ids[s], mask, positions(mask), keep=1, use_cache=True, only=mask.new_tensor([Q - 1]))
         prefixes.append(_prefix_of(cache))
     return _cat_prefixes(prefixes, Q)
 
@@ -216,8 +217,58 @@ def _cache_argument(model_class) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+# (positions (K,), T) while `lm_forward(only=...)` runs: the positions of its T inputs whose outputs are read
+_ONLY: contextvars.ContextVar = contextvars.ContextVar("labkit_only_positions", default=None)
+
+
+def prune_last_mlp(model) -> bool:
+    """Let `lm_forward(only=...)` run the last transformer block's MLP at the positions read only.
+
+    Why: the last block's keys and values are needed at every position (attention reads them), but what comes
+    after its attention (the MLP, the final norm, the head) matters only where the caller reads the output:
+    in a PPO training pass over 64 query + 23 response positions, the 24 positions that predict response
+    tokens. On SmolLM2 the MLP is 75% of a block's matmul weights, so this skips 1.7% of the training pass's
+    FLOPs (and more of a prefill, where one position is read). A forward pre-hook on the block's `mlp` gathers
+    the read positions (B, K, H) and a forward hook scatters its output back into zeros (B, T, H): the other
+    positions' final hidden states are then not the model's, and `lm_forward` returns only the read ones.
+    Works for any model whose blocks (`checkpointing.transformer_blocks`) have a position-wise `mlp` (Llama,
+    GPT-2, ...); returns False (and does nothing) for others. Copies of the model keep the hooks.
+    """
+    from labkit.checkpointing import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    mlp = getattr(blocks[-1], "mlp", None) if blocks else None
+    if not isinstance(mlp, torch.nn.Module):
+        return False
+    mlp.register_forward_pre_hook(_gather_read_positions)
+    mlp.register_forward_hook(_scatter_read_positions)
+    return True
+
+
+def _gather_read_positions(module, args):
+    only = _ONLY.get()
+    if only is None or args[0].dim() != 3 or args[0].shape[1] != only[1]:
+        return None
+    return (args[0][:, only[0]], *args[1:])  # (B, K, H)
+
+
+def _scatter_read_positions(module, args, out):
+    only = _ONLY.get()
+    if only is None or args[0].shape[1] != only[0].numel() or out.shape[1] != only[0].numel():
+        return None
+    full = out.new_zeros(out.shape[0], only[1], out.shape[2])  # (B, T, H)
+    return full.index_copy(1, only[0], out)
+
+
+def _checkpointed(base) -> bool:
+    """Blocks recompute their forward in backward (labkit.checkpointing, or HF's in train mode), outside the
+    `lm_forward` call that set `_ONLY`."""
+    return any(getattr(type(m), "_labkit_checkpointed", False)
+               or (base.training and getattr(m, "gradient_checkpointing", False) is True) for m in base.modules())
+
+
 def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden: bool = False, cache=None,
-               use_cache: bool = False):
+               use_cache: bool = False, only: torch.Tensor | None = None):
     """One call of the causal LM's own `forward`: logits only at the positions in `keep`, and optionally the
     final hidden states. Returns (logits (B, K, V), hidden (B, T, H) or None, cache or None).
 
@@ -227,15 +278,29 @@ def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden
     `fully_shard` on the whole model, labkit.distributed.shard_model) fire on every call. The hidden states
     are the last of `output_hidden_states` (after the final norm): being part of the model's output, a
     backward pass from them alone (the reward model's loss) still passes through FSDP's backward hooks.
+    only: the 1-D positions of the T inputs whose outputs the caller reads (`keep` must be among them); the
+    last block's MLP then runs there only (`prune_last_mlp`) and `hidden` is (B, K, H) at those positions.
+    Ignored while the blocks are checkpointed (their backward recomputes the forward outside this call).
     """
     base = unwrap(model)
     cache_arg = _cache_argument(type(base))
     extra = {cache_arg: cache} if cache is not None else {}
-    with autocast_for(model):
-        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
-                   logits_to_keep=keep, output_hidden_states=want_hidden, **extra)
+    T = input_ids.shape[1]
+    token = None
+    if only is not None and only.numel() < T and not (torch.is_grad_enabled() and _checkpointed(base)):
+        token = _ONLY.set((only, T))
+    try:
+        with autocast_for(model):
+            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                       logits_to_keep=keep, output_hidden_states=want_hidden, **extra)
+    finally:
+        if token is not None:
+            _ONLY.reset(token)
     new_cache = (out.cache if cache_arg == "cache" else out.past_key_values) if use_cache else None
-    return out.logits, (out.hidden_states[-1] if want_hidden else None), new_cache
+    hidden = out.hidden_states[-1] if want_hidden else None
+    if hidden is not None and only is not None:
+        hidden = hidden[:, only]
+    return out.logits, hidden, new_cache
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None, block: int = 1024) -> torch.Tensor:
@@ -277,7 +342,7 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, ke
     tokens = torch.empty(B, R, dtype=torch.long, device=query_ids.device)
     logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
-    logits, _, cache = lm_forward(model, query_ids, mask, pos, keep=1, use_cache=True)  # predicts response token 0
+    logits, _, cache = lm_forward(model, query_ids, mask, pos, keep=1, use_cache=True, only=mask.new_tensor([Q - 1]))  # token 0's
     prefill = _prefix_of(cache) if keep_prefix else None  # taken now: the loop replaces the cache's tensors
     for t in range(R):
         logp = F.log_softmax(logits[:, -1].float() / temperature, dim=-1)  # (B, V)
@@ -386,7 +451,7 @@ def forward_responses(
         input_ids = torch.cat([query_ids, response_ids[:, :-1]], dim=1)  # (B, Q+R-1)
         mask, pos = mask[:, : Q + R - 1], pos[:, : Q + R - 1]
         keep = torch.arange(Q - 1, Q + R - 1, device=input_ids.device)  # position Q-1+t predicts response token t
-        cache, first = None, Q - 1  # hidden states of interest start at position Q-1
+        cache, read = None, keep  # outputs are read at these R positions only (`prune_last_mlp`)
     else:
         from transformers import DynamicCache
 
@@ -396,12 +461,11 @@ def forward_responses(
         input_ids = torch.cat([query_ids[:, Q - 1 :], response_ids[:, :-1]], dim=1)  # (B, R): positions Q-1 .. Q+R-2
         mask, pos = mask[:, : Q + R - 1], pos[:, Q - 1 : Q + R - 1]
         keep = torch.arange(R, device=input_ids.device)
-        first = 0
+        read = None  # every input position is read
     if not want_logprobs:
         keep = keep[:0]  # no logits at all
-    logits, hidden, _ = lm_forward(model, input_ids, mask, pos, keep, want_hidden=want_hidden, cache=cache,
-                                   use_cache=cache is not None)
-    h = hidden[:, first : first + R] if want_hidden else None  # (B, R, H)
+    logits, h, _ = lm_forward(model, input_ids, mask, pos, keep, want_hidden=want_hidden, cache=cache,
+                              use_cache=cache is not None, only=read)  # h: (B, R, H) or None
     if not want_logprobs:
         return ResponseForward(logprobs=None, entropy=None, hidden=h)
     logprobs, entropy = tempered_logprobs(logits, response_ids, temperature, want_entropy)

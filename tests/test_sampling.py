@@ -157,3 +157,74 @@ def test_sample_categorical_draws_each_index_with_its_probability(block):
     assert freq[2, 0] > 0  # a small mass is drawn at all
     again = sample_categorical(probs, torch.Generator().manual_seed(7))
     assert torch.equal(again, sample_categorical(probs, torch.Generator().manual_seed(7)))
+
+
+def _unpruned_copy(model):
+    """A copy of `model` without `prune_last_mlp`'s hooks: the last block's MLP runs at every position."""
+    import copy
+
+    from labkit.checkpointing import transformer_blocks
+
+    plain = copy.deepcopy(model)
+    mlp = transformer_blocks(plain)[-1].mlp
+    mlp._forward_pre_hooks.clear()
+    mlp._forward_hooks.clear()
+    return plain
+
+
+def test_last_mlp_runs_at_read_positions_only_and_changes_nothing(tiny):
+    import copy
+
+    from labkit.checkpointing import checkpoint_blocks, transformer_blocks
+
+    model, tok = copy.deepcopy(tiny[0]).double(), tiny[1]
+    plain = _unpruned_copy(model)
+    ckpt = copy.deepcopy(model)
+    checkpoint_blocks(ckpt)
+    seen = {id(m): [] for m in (model, plain, ckpt)}
+    for m in (model, plain, ckpt):
+        transformer_blocks(m)[-1].mlp.register_forward_hook(lambda mod, a, o, _s=seen[id(m)]: _s.append(a[0].shape[1]))
+        m.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(3, len(tok), (3, 7), generator=g)
+    q[0, :3] = tok.pad_token_id
+    ql, r = torch.tensor([4, 7, 7]), torch.randint(3, len(tok), (3, 5), generator=g)
+    outs = []
+    for m in (model, plain, ckpt):
+        o = forward_responses(m, q, ql, r, 0.7, want_hidden=True)
+        ((o.logprobs * torch.linspace(-1, 2, 15).view(3, 5)).sum() + o.hidden.square().mean()).backward()
+        outs.append((o, {n: p.grad for n, p in m.named_parameters()}))
+    assert seen[id(model)] == [5]  # the 5 positions that predict response tokens, of 7 + 4
+    assert seen[id(plain)] == [11] and seen[id(ckpt)][0] == 11  # checkpointed blocks: no pruning (recomputed later)
+    (o, grads) = outs[0]
+    for o_ref, g_ref in outs[1:]:
+        torch.testing.assert_close(o.logprobs, o_ref.logprobs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(o.hidden, o_ref.hidden, rtol=1e-12, atol=1e-12)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert all(p.grad.abs().sum() > 0 for p in transformer_blocks(model)[-1].mlp.parameters())
+    with torch.no_grad():  # a value model's pass: hidden states only
+        a = forward_responses(model, q, ql, r, 0.7, want_hidden=True, want_logprobs=False).hidden
+        b = forward_responses(plain, q, ql, r, 0.7, want_hidden=True, want_logprobs=False).hidden
+    assert a.shape == (3, 5, model.config.hidden_size) and seen[id(model)][-1] == 5
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_pruned_prefill_samples_what_the_full_prefill_samples(tiny):
+    import copy
+
+    from labkit.checkpointing import transformer_blocks
+
+    model, tok = copy.deepcopy(tiny[0]).double(), tiny[1]
+    plain = _unpruned_copy(model)
+    seen = []
+    transformer_blocks(model)[-1].mlp.register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[1]))
+    task = SENTIMENT.with_(response_length=6)
+    queries = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    a = sample(model, tok, queries, task, generator=torch.Generator().manual_seed(1), keep_query_prefix=True)
+    b = sample(plain, tok, queries, task, generator=torch.Generator().manual_seed(1), keep_query_prefix=True)
+    assert seen[0] == 1  # the prefill's last block ran its MLP at the one position that predicts token 0
+    assert torch.equal(a.response_ids, b.response_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-12, atol=1e-12)
+    for (ka, va), (kb, vb) in zip(a.query_prefix, b.query_prefix):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)

@@ -90,10 +90,12 @@ class RewardModel(nn.Module):
     def device(self):
         return self.head.weight.device
 
-    def trunk_hidden(self, input_ids, attention_mask):
-        """Final hidden states (B, T, H): the LM's own forward with no logits kept (see `lm_forward`)."""
+    def trunk_hidden(self, input_ids, attention_mask, only: torch.Tensor | None = None):
+        """Final hidden states (B, T, H), or (B, K, H) at positions `only`: the LM's own forward with no logits
+        kept (see `lm_forward`)."""
         no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        return lm_forward(self.lm, input_ids, attention_mask, positions(attention_mask), no_logits, want_hidden=True)[1]
+        return lm_forward(self.lm, input_ids, attention_mask, positions(attention_mask), no_logits, want_hidden=True,
+                          only=only)[1]
 
     def raw(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         """head(h) at the last real token, (B,), before gain and bias.
@@ -106,9 +108,10 @@ class RewardModel(nn.Module):
             raise ValueError("Every response needs at least one token to be scored.")
         resp_mask = (torch.arange(R, device=response_ids.device)[None] < response_lengths[:, None]).long()
         mask = torch.cat([left_pad_mask(query_lengths, Q), resp_mask], dim=1)  # (B, Q+R)
-        hidden = self.trunk_hidden(torch.cat([query_ids, response_ids], 1), mask)  # (B, Q+R, H)
         last = Q + response_lengths - 1  # the last real token, not the first pad after it
-        h = hidden[torch.arange(B, device=hidden.device), last]  # (B, H)
+        read = torch.unique(last)  # (K,) sorted: the positions some row is scored at
+        hidden = self.trunk_hidden(torch.cat([query_ids, response_ids], 1), mask, only=read)  # (B, K, H)
+        h = hidden[torch.arange(B, device=hidden.device), torch.searchsorted(read, last)]  # (B, H)
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # h is bf16 under autocast
 
     def forward(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
@@ -137,13 +140,16 @@ class RewardModel(nn.Module):
             return self(q_ids, q_len, response_ids, response_lengths).view(B, k)
         no_logits = torch.zeros(0, dtype=torch.long, device=query_ids.device)
         q_mask = left_pad_mask(query_lengths, Q)  # (B, Q)
-        _, _, cache = lm_forward(self.lm, query_ids, q_mask, positions(q_mask), no_logits, use_cache=True)
+        _, _, cache = lm_forward(self.lm, query_ids, q_mask, positions(q_mask), no_logits, use_cache=True,
+                                 only=no_logits)  # only the keys and values are read
         cache.batch_repeat_interleave(k)  # (B*k, heads, Q, d) per layer: each response sees its own query
         r_mask = (torch.arange(R, device=response_ids.device)[None] < response_lengths[:, None]).long()
         mask = torch.cat([q_mask.repeat_interleave(k, dim=0), r_mask], dim=1)  # (B*k, Q+R)
         pos = query_lengths.repeat_interleave(k)[:, None] + torch.arange(R, device=response_ids.device)[None]  # (B*k, R)
-        _, hidden, _ = lm_forward(self.lm, response_ids, mask, pos, no_logits, want_hidden=True, cache=cache, use_cache=True)
-        h = hidden[torch.arange(B * k, device=hidden.device), response_lengths - 1]  # (B*k, H) at the last real token
+        read = torch.unique(response_lengths - 1)  # (K,) sorted: the positions some response is scored at
+        _, hidden, _ = lm_forward(self.lm, response_ids, mask, pos, no_logits, want_hidden=True, cache=cache, use_cache=True,
+                                  only=read)  # (B*k, K, H)
+        h = hidden[torch.arange(B * k, device=hidden.device), torch.searchsorted(read, response_lengths - 1)]  # (B*k, H)
         raw = self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
         return (self.gain * raw + self.bias).view(B, k)
 
@@ -236,6 +242,7 @@ class RewardModel(nn.Module):
 
         from labkit.attention import use_grouped_attention
         from labkit.fused import use_fused_kernels
+        from labkit.sampling import prune_last_mlp
         from labkit.models import _setup_tokenizer, pick_device, pick_dtype
 
         folder = Path(folder)
@@ -246,8 +253,9 @@ class RewardModel(nn.Module):
         dev = pick_device(device)
         config = AutoConfig.from_pretrained(folder / "lm_config.json")
         lm = AutoModelForCausalLM.from_config(config)
-        use_grouped_attention(lm)  # as load_lm does (labkit/attention.py, labkit/fused.py)
+        use_grouped_attention(lm)  # as load_lm does (labkit/attention.py, labkit/fused.py, sampling.prune_last_mlp)
         use_fused_kernels(lm)
+        prune_last_mlp(lm)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         _setup_tokenizer(tokenizer)
         rm = cls(lm, tokenizer)

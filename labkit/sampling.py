@@ -176,7 +176,8 @@ def query_prefix(model, query_ids: torch.Tensor, query_lengths: torch.Tensor,
     prefixes = []
     for s in batch_slices(B, batch_size):
         mask = left_pad_mask(query_lengths[s], Q)
-        _, _, cache = lm_forward(model, query_ids[s], mask, positions(mask), keep=1, use_cache=True, only=mask.new_tensor([Q - 1]))
+        _, _, cache = lm_forward(model, query_ids[s], mask, positions(mask), keep=1, use_cache=True,
+                                 only=mask.new_tensor([Q - 1]))
         prefixes.append(_prefix_of(cache))
     return _cat_prefixes(prefixes, Q)
 

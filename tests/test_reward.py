@@ -131,3 +131,37 @@ def test_kway_shares_each_query_and_equals_scoring_each_pair_alone(tiny):
     rm.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="expected k per query"):
         rm.kway(q_ids, q_len, r_ids[:11], r_len[:11])
+
+
+def test_scores_and_gradients_equal_a_model_whose_last_mlp_runs_everywhere(tiny):
+    """The reward model reads one position per row: its last block's MLP runs at those positions only
+    (`sampling.prune_last_mlp`), which changes neither the scores nor the gradients."""
+    import copy
+
+    from labkit.checkpointing import transformer_blocks
+
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok, seed=0).double()
+    plain = copy.deepcopy(rm)
+    mlp = transformer_blocks(plain.lm)[-1].mlp
+    mlp._forward_pre_hooks.clear()
+    mlp._forward_hooks.clear()
+    seen = []
+    transformer_blocks(rm.lm)[-1].mlp.register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[1]))
+    g = torch.Generator().manual_seed(0)
+    q_ids, q_len = pad_left([torch.randint(3, 900, (n,), generator=g).tolist() for n in (5, 9)], tok.pad_token_id)
+    r_len = torch.tensor([3, 6, 6, 1, 2, 6, 4, 3])  # k = 4 responses per query, right-padded to 6
+    r_ids = torch.randint(3, 900, (8, 6), generator=g).masked_fill(torch.arange(6)[None] >= r_len[:, None], tok.pad_token_id)
+    q_rep, ql_rep = q_ids.repeat_interleave(4, 0), q_len.repeat_interleave(4)
+    results = []
+    for m in (rm, plain):
+        m.requires_grad_(True)
+        out = [m(q_rep, ql_rep, r_ids, r_len), m.kway(q_ids, q_len, r_ids, r_len)]
+        (out[0].pow(2).sum() + out[1].sum()).backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters()}))
+    assert seen == [5, 0, 5]  # (positions 9+2, 9+5, 9+0, 9+1, 9+3 of 15), none in the query pass, 5 distinct lengths
+    (out, grads), (out_ref, grads_ref) = results
+    for a, b in zip(out, out_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for n, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[n], rtol=1e-10, atol=1e-12, msg=n)

@@ -5,17 +5,20 @@ Sentiment-task shapes: batch 64 rollouts, query 64 tokens, response 24, 4 PPO ep
 scalar head) as in a real run. Prints one JSON line at the end.
 
 MFU counts matmul FLOPs honestly (attention scores ignored, ~2%), with N = the trunk's matmul weights
-(all Linear layers inside the transformer blocks), H = d_model * vocab (the LM head), B = batch,
-Q = query, R = response, T = Q + R, E = PPO epochs:
-  generation  2*N*B*(T-1) + 2*H*B*R          (prefill + one token at a time with a KV cache)
-  scoring     rho: 2*N*B*T + 2*H*B*(R+1) (its own query prefill, then the R response positions);
+(all Linear layers inside the transformer blocks), M = those of the last block's MLP, H = d_model * vocab
+(the LM head), B = batch, Q = query, R = response, T = Q + R, E = PPO epochs:
+  generation  2*N*B*(T-1) + 2*H*B*R - 2*M*B*(Q-1)   (prefill + one token at a time with a KV cache; the
+              prefill reads one position, so the last block's MLP runs there only: sampling.prune_last_mlp)
+  scoring     rho: 2*N*B*T + 2*H*B*(R+1) - 2*M*B*(Q-1) (its own query prefill, then the R response positions);
               pi (old log-probs and shared values): 2*N*B*R + 2*H*B*R (the R response positions only,
-              continuing from the sampler's query prefix); reward model: 2*N*B*T;
+              continuing from the sampler's query prefix); reward model: 2*N*B*T - 2*M*B*(T-R) (its last
+              block's MLP at the scored positions, at most R distinct ones: counted as R);
               a separate value model adds nothing here: with one minibatch its old values come from
               its first training epoch's forward (PPOTrainer._first_value_epoch)
-  training    E * 3 * (2*N*B*(T-1) + 2*H*B*R)  (forward + backward = 3x forward; the last response token is
-              input to nothing, so positions 0 .. T-2 run); separate value model: + E * 3 * 2*N*B*(T-1);
-              LoRA: backward ~1x forward (no weight grads), so 2x
+  training    E * 3 * (2*N*B*(T-1) + 2*H*B*R - 2*M*B*(T-1-R))  (forward + backward = 3x forward; the last
+              response token is input to nothing, so positions 0 .. T-2 run, and the last block's MLP only at
+              the R read; not that with gradient checkpointing); separate value model: + E * 3 * (2*N*B*(T-1)
+              - 2*M*B*(T-1-R)); LoRA: backward ~1x forward (no weight grads), so 2x
 and divides by the measured time and a matmul peak measured in this process on the model's device, in the
 dtype the matmuls run in: fp32 on CPU; bf16 on CUDA (fp32 weights, bf16 autocast), where the peak is that of
 large 8192^3 products, so a 135M model's small matmuls reach only a few percent of it. The peak is measured
@@ -65,14 +68,23 @@ def trunk_matmul_params(model) -> int:
     return sum(m.weight.numel() for m in trunk.modules() if isinstance(m, torch.nn.Linear))
 
 
-def update_flops(N, H, B, Q, R, E, value, lora) -> dict:
+def last_mlp_matmul_params(model) -> int:
+    """M: the matmul weights of the last transformer block's MLP (what `prune_last_mlp` skips at unread positions)."""
+    from labkit.checkpointing import transformer_blocks
+
+    mlp = transformer_blocks(model)[-1].mlp
+    return sum(m.weight.numel() for m in mlp.modules() if isinstance(m, torch.nn.Linear))
+
+
+def update_flops(N, H, M, B, Q, R, E, value, lora, checkpointing=False) -> dict:
     T = Q + R
-    gen = 2 * N * B * (T - 1) + 2 * H * B * R
-    rho = 2 * N * B * T + 2 * H * B * (R + 1)
+    gen = 2 * N * B * (T - 1) + 2 * H * B * R - 2 * M * B * (Q - 1)
+    rho = 2 * N * B * T + 2 * H * B * (R + 1) - 2 * M * B * (Q - 1)
     pi = 2 * N * B * R + 2 * H * B * R
-    score = rho + pi + 2 * N * B * T  # a separate value model's old values: from its training forward (1 minibatch)
+    score = rho + pi + 2 * N * B * T - 2 * M * B * (T - R)  # a separate value model's old values: from its training forward
     mult = 2 if lora else 3
-    train = E * mult * (2 * N * B * (T - 1) + 2 * H * B * R) + (E * 3 * 2 * N * B * (T - 1) if value == "separate" else 0)
+    pass_ = 2 * N * B * (T - 1) - (0 if checkpointing else 2 * M * B * (T - 1 - R))  # one training pass's trunk
+    train = E * mult * (pass_ + 2 * H * B * R) + (E * 3 * pass_ if value == "separate" else 0)
     # gradient checkpointing's recomputed forward is not counted: it is not the model's work, only the method's
     return {"generation": gen, "scoring": score, "training": train, "total": gen + score + train}
 
@@ -143,7 +155,9 @@ def main():
     split = {k: statistics.median(m[f"time/{k}"] for m in runs) for k in ("generation", "scoring", "optimization")}
     N = trunk_matmul_params(trainer.policy)
     H = policy.config.hidden_size * policy.config.vocab_size
-    flops = update_flops(N, H, args.batch, args.query, args.response, args.epochs, args.value, args.lora_r > 0)
+    M = last_mlp_matmul_params(trainer.policy)
+    flops = update_flops(N, H, M, args.batch, args.query, args.response, args.epochs, args.value, args.lora_r > 0,
+                         args.gradient_checkpointing)
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "benchmark": "ppo_step", "model": args.model, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
@@ -160,7 +174,7 @@ def main():
         "matmul_peak_range_gflops": [round(min(peaks), 1), round(max(peaks), 1)],
         "fp32_matmul_peak_gflops": round(fp32_peak, 1),
         "achieved_gflops": round(flops["total"] / med / 1e9, 1), "mfu": round(flops["total"] / med / (peak * 1e9), 3),
-        "flop_formula": "N=%d trunk matmul params, H=%d head params; see the module docstring" % (N, H),
+        "flop_formula": "N=%d trunk matmul params, M=%d last block's MLP, H=%d head params; see the module docstring" % (N, M, H),
     }
     print(json.dumps(result))
 

@@ -242,8 +242,8 @@ class RewardModel(nn.Module):
 
         from labkit.attention import use_grouped_attention
         from labkit.fused import use_fused_kernels
-        from labkit.sampling import prune_last_mlp
         from labkit.models import _setup_tokenizer, pick_device, pick_dtype
+        from labkit.sampling import prune_last_mlp
 
         folder = Path(folder)
         meta = folder / "reward_config.json"

@@ -7,8 +7,8 @@ transformers' RMSNorm is six kernels forward (cast, square, mean, add, rsqrt, tw
 tensor, and keeps silu(gate) alive for the backward. `torch.compile` fuses each into one loop forward and one
 backward, with fewer tensors allocated and saved. Measured on SmolLM2, fp32, 2 threads
 (`python benchmarks/fused_kernels.py`, eager and compiled alternating in one process): a training micro-batch
-1.13x faster (13.75 -> 12.12 s per two), a no-gradient pass 1.01x; PPO's optimisation phase ~102 -> ~94 s per
-update (benchmarks/README.md).
+1.13x faster (13.75 -> 12.12 s per two), a no-gradient pass 1.01x; with `sampling.prune_last_mlp`, PPO's
+optimisation phase went from ~102 to ~94 s per update (benchmarks/README.md).
 
 `use_fused_kernels(model)` swaps the classes of a model's `LlamaRMSNorm` and SiLU `LlamaMLP` modules for the
 subclasses below (same parameters and state dict; copies of the model keep them). Their forward takes the

@@ -60,20 +60,26 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
+def _matmul_weights(module) -> int:
+    """Weights of the matrix products in `module`: nn.Linear, and GPT-2's Conv1D (a Linear with its weight
+    transposed; counting only nn.Linear would give GPT-2 a trunk of zero FLOPs)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+
+
 def trunk_matmul_params(model) -> int:
     from labkit.sampling import unwrap
 
     base = unwrap(model)
-    trunk = getattr(base, base.base_model_prefix)
-    return sum(m.weight.numel() for m in trunk.modules() if isinstance(m, torch.nn.Linear))
+    return _matmul_weights(getattr(base, base.base_model_prefix))
 
 
 def last_mlp_matmul_params(model) -> int:
     """M: the matmul weights of the last transformer block's MLP (what `prune_last_mlp` skips at unread positions)."""
     from labkit.checkpointing import transformer_blocks
 
-    mlp = transformer_blocks(model)[-1].mlp
-    return sum(m.weight.numel() for m in mlp.modules() if isinstance(m, torch.nn.Linear))
+    return _matmul_weights(transformer_blocks(model)[-1].mlp)
 
 
 def update_flops(N, H, M, B, Q, R, E, value, lora, checkpointing=False) -> dict:
@@ -109,9 +115,32 @@ def sentiment_trainer(policy, tok, batch, query, response, epochs, micro_batch, 
     return trainer
 
 
-def main():
+def write_profile(trainer, device, path: str) -> None:
+    """One more update under torch.profiler; its operator table (top 40 by device time on a GPU, and top 40 by
+    CPU time) goes to `path`. A GPU whose busy time is far below the update's wall time waits on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        m = trainer.step()
+    table = prof.key_averages()
+    lines = [f"profiled update: {m['time/step']:.3f} s (generation {m['time/generation']:.3f}, "
+             f"scoring {m['time/scoring']:.3f}, optimisation {m['time/optimization']:.3f}; slower than unprofiled)"]
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in table) / 1e6
+        try:
+            by_device = table.table(sort_by="self_device_time_total", row_limit=40)
+        except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA
+            by_device = table.table(sort_by="self_cuda_time_total", row_limit=40)
+        lines += [f"GPU busy (sum of kernel times): {busy:.3f} s", by_device]
+    lines.append(table.table(sort_by="self_cpu_time_total", row_limit=40))
+    with open(path, "w") as f:
+        f.write("\n\n".join(lines) + "\n")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="a load_lm name or a local model folder")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--query", type=int, default=64)
     p.add_argument("--response", type=int, default=24)
@@ -125,7 +154,10 @@ def main():
                    help="recompute the blocks' activations in backward (less memory, ~1/3 more training compute)")
     p.add_argument("--bf16-autocast", action="store_true",
                    help="bf16 matmuls on a CPU too (weights stay fp32); on CUDA they are the default")
-    args = p.parse_args()
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="after the measured updates, run one more under torch.profiler and write its table of "
+                        "operators (by device time, then by CPU time) to FILE: where an update's time goes")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from labkit.models import load_lm
@@ -148,6 +180,8 @@ def main():
         if i > 0:
             runs.append(m)
         peaks.append(matmul_peak_gflops(device, compute_dtype))
+    if args.profile:
+        write_profile(trainer, device, args.profile)
     med = statistics.median(m["time/step"] for m in runs)
     peak = statistics.median(peaks)
     if compute_dtype == torch.float32:
@@ -174,6 +208,9 @@ def main():
         "matmul_peak_range_gflops": [round(min(peaks), 1), round(max(peaks), 1)],
         "fp32_matmul_peak_gflops": round(fp32_peak, 1),
         "achieved_gflops": round(flops["total"] / med / 1e9, 1), "mfu": round(flops["total"] / med / (peak * 1e9), 3),
+        # the optimisation phase alone (step 4-7: rewards, GAE, the PPO epochs), against its own FLOPs
+        "training_mfu": round(flops["training"] / split["optimization"] / (peak * 1e9), 3),
+        "generation_tokens_per_s": round(args.batch * args.response / split["generation"], 1),
         "flop_formula": "N=%d trunk matmul params, M=%d last block's MLP, H=%d head params; see the module docstring" % (N, M, H),
     }
     print(json.dumps(result))

@@ -20,22 +20,36 @@ no-grad scoring passes run in chunks of local_rollout_forward_batch_size (--roll
 Queries: labkit/demo_data/passages.jsonl (read with json; labkit is not importable in the TRL venv), all
 passages joined by spaces, tokenised without special tokens, cut into consecutive --query-token windows.
 
+Device and precision (--device, --bf16): on a CPU fp32 by default; on CUDA (the default where there is one)
+TRL's `bf16=True` by default, as labkit runs bf16 autocast on CUDA: accelerate's mixed precision, bf16 autocast
+over fp32 weights. TRL applies it only where accelerate wraps the model, i.e. the training forwards of the
+PolicyAndValueWrapper; generation (the unwrapped policy's generate) and the no-grad ref, reward and value
+forwards of scoring run in the weights' fp32, and the JSON's "autocast" field reports what was seen in each
+phase. On CUDA the timing points below synchronize the device first, so the host's clock measures finished work.
+
 Timing: one warm-up update, then --updates measured updates; an update runs from the end of the previous
 one (a TrainerCallback's on_step_end) to its own on_step_end, so it includes TRL's per-update clean-up
-(gc.collect) and data loading. The fp32 2048^3 matmul peak (the same function as ppo_step.py) is measured
-before the first update and inside on_step_end after every update (excluded from the update times), and
-the median used. Split: generation_s = time inside policy.generate; scoring_s = from the end of generation
-to the first training forward (ref, value and reward forwards, log-probs from the generation scores,
-GAE); optimization_s = from the first training forward to on_step_end (PPO epochs, metrics);
-overhead_s = the rest (clean-up between updates, data loading).
+(gc.collect) and data loading. The matmul peak in the compute dtype (the same function as ppo_step.py:
+2048^3 on a CPU, 8192^3 on CUDA; bf16 with --bf16) is measured before the first update and inside
+on_step_end after every update (excluded from the update times), and the median used; with --bf16 the fp32
+peak is also measured once, before the first update. Split: generation_s = time inside policy.generate;
+scoring_s = from the end of generation to the first training forward (ref, value and reward forwards,
+log-probs from the generation scores, GAE); optimization_s = from the first training forward to on_step_end
+(PPO epochs, metrics); overhead_s = the rest (clean-up between updates, data loading).
 
 The model is labkit's converted embedded model, $LABKIT_CACHE/models/smollm2-135m (default ~/.cache/labkit),
-written by transformers 5 and loaded here with transformers 4.x as in trl_reward_train.py.
+written by transformers 5 and loaded here with transformers 4.x as in trl_reward_train.py; --model takes any
+such folder, e.g. the random GPT-2 that benchmarks/gpu_ppo.py writes (GPT2LMHeadModel and
+GPT2ForSequenceClassification through the Auto classes, with the embedded model's tokenizer).
 
 Setup (once): see benchmarks/trl_reward_train.py (/tmp/trlvenv with torch 2.13.0, trl 0.19.1, transformers 4.57.6).
+On a machine whose python already has torch, accelerate and their kin but a transformers 5 (a GPU image), the
+TRL side's wheels go into their own folder, put first on the path:
+    pip install --no-index --no-deps --target /tmp/site_trl WHEELS && PYTHONPATH=/tmp/site_trl python3 benchmarks/trl_ppo_step.py ...
 Run:
     /tmp/trlvenv/bin/python benchmarks/trl_ppo_step.py --updates 3 --threads 2
     /tmp/trlvenv/bin/python benchmarks/trl_ppo_step.py --batch 8 --micro-batch 4 --response 4 --epochs 1 --updates 1   # smoke test
+    python3 benchmarks/trl_ppo_step.py --model GPT2_FOLDER --micro-batch 64 --updates 2   # CUDA: bf16 by default
 """
 
 from __future__ import annotations
@@ -109,10 +123,16 @@ def main():
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--updates", type=int, default=3, help="measured updates after one warm-up (median reported)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where TRL's accelerator puts the four models (default: cuda where there is one)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="TRL's bf16=True: bf16 autocast over fp32 weights (default: on with cuda, off on cpu)")
     p.add_argument("--passages", default=str(ROOT / "labkit" / "demo_data" / "passages.jsonl"))
     args = p.parse_args()
     if args.batch % args.micro_batch:
         raise SystemExit("--batch must be a multiple of --micro-batch")
+    if args.bf16 is None:
+        args.bf16 = args.device == "cuda"  # as labkit: bf16 autocast by default on CUDA only
     torch.set_num_threads(args.threads)
 
     import trl
@@ -124,8 +144,12 @@ def main():
     folder = Path(args.model) if args.model else default_model_dir()
     if not (folder / "config.json").exists():
         raise SystemExit(f"{folder} has no model: run `.venv/bin/python -m labkit.models --prepare` first, or pass --model.")
-    device = torch.device("cpu")
-    peaks = [matmul_peak_gflops(device, torch.float32)]
+    device = torch.device(args.device)
+    compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peaks = [matmul_peak_gflops(device, compute_dtype)]
+    fp32_peak = matmul_peak_gflops(device, torch.float32) if args.bf16 else None  # fp32: the median of peaks, below
+    # the host's clock reads finished work only after the device's queue is drained
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     tok = load_tokenizer(folder)
     windows = query_windows(tok, args.query, Path(args.passages))
@@ -142,23 +166,40 @@ def main():
     generate = policy.generate
 
     def timed_generate(*a, **kw):
+        sync()
         t0 = time.perf_counter()
+        clock["in_gen"] = True
         try:
             return generate(*a, **kw)
         finally:
+            sync()
             clock["gen_end"] = time.perf_counter()
             clock["gen"] += clock["gen_end"] - t0
+            clock["in_gen"] = False
 
     policy.generate = timed_generate
+
+    # whether autocast is on when the four models' trunks run, by phase: TRL autocasts only what accelerate wrapped
+    # (the PolicyAndValueWrapper's forward), so --bf16 does not reach generation or scoring
+    autocast = {"generation": set(), "scoring": set(), "optimization": set()}
+
+    def autocast_probe(module, inputs):
+        phase = "generation" if clock.get("in_gen") else "optimization" if "train_start" in clock else "scoring"
+        autocast[phase].add(torch.is_autocast_enabled(device.type))
+
+    for m in (policy, ref_policy, reward_model, value_model):  # TRL calls the reward and value models' trunks directly
+        getattr(m, m.base_model_prefix).register_forward_pre_hook(autocast_probe)
 
     class Timer(TrainerCallback):
         def __init__(self):
             self.updates = []  # one dict per update
 
         def on_train_begin(self, a, state, control, **kw):
+            sync()
             self.t_resume = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            sync()
             t = time.perf_counter()
             total = t - self.t_resume
             gen, scoring = clock["gen"], clock["train_start"] - clock["gen_end"]
@@ -167,7 +208,7 @@ def main():
                                  "overhead": total - gen - scoring - opt})
             clock["gen"] = 0.0
             clock.pop("train_start")
-            peaks.append(matmul_peak_gflops(device, torch.float32))  # not counted: t_resume is taken after it
+            peaks.append(matmul_peak_gflops(device, compute_dtype))  # not counted: t_resume is taken after it
             self.t_resume = time.perf_counter()
 
     timer = Timer()
@@ -178,7 +219,7 @@ def main():
         num_mini_batches=1, num_ppo_epochs=args.epochs, total_episodes=args.batch * n_updates,
         local_rollout_forward_batch_size=args.rollout_batch, response_length=args.response,
         temperature=args.temperature, stop_token=None, stop_token_id=None, missing_eos_penalty=None,
-        num_sample_generations=0, learning_rate=1e-5, bf16=False, fp16=False, use_cpu=True,
+        num_sample_generations=0, learning_rate=1e-5, bf16=args.bf16, fp16=False, use_cpu=device.type == "cpu",
         gradient_checkpointing=False, report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, push_to_hub=False)
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref_policy,
@@ -192,7 +233,9 @@ def main():
 
     # first training forward of an update: the PolicyAndValueWrapper is only called in the PPO epochs
     def first_train_forward(module, inputs):
-        clock.setdefault("train_start", time.perf_counter())
+        if "train_start" not in clock:
+            sync()  # once per update: scoring's queued work belongs to scoring
+            clock["train_start"] = time.perf_counter()
 
     trainer.accelerator.unwrap_model(trainer.model).register_forward_pre_hook(first_train_forward)
 
@@ -204,9 +247,16 @@ def main():
     runs = timer.updates[1:]
     med = {k: statistics.median(u[k] for u in runs) for k in runs[0]}
     peak = statistics.median(peaks)
+    if not args.bf16:
+        fp32_peak = peak
+    weights = next(trainer.model.parameters())
+    assert weights.device.type == device.type, (weights.device, device)  # TRL's accelerator placed the models
     result = {
         "benchmark": "trl_ppo_step", "trl": trl.__version__, "torch": torch.__version__,
-        "model": args.model or "smollm2-135m", "device": "cpu", "dtype": "float32", "value": "separate",
+        "model": args.model or "smollm2-135m", "device": str(weights.device),
+        "dtype": str(weights.dtype).removeprefix("torch."), "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "bf16": args.bf16,
+        "autocast": {k: v.pop() if len(v) == 1 else sorted(v) for k, v in autocast.items()}, "value": "separate",
         "batch": args.batch, "query": args.query, "response": args.response, "epochs": args.epochs,
         "micro_batch": args.micro_batch, "rollout_batch": args.rollout_batch, "threads": torch.get_num_threads(),
         "optim": getattr(a.optim, "value", str(a.optim)), "updates": args.updates,
@@ -216,8 +266,9 @@ def main():
         "update_seconds": [round(u["step"], 2) for u in runs],
         "warmup_seconds": round(timer.updates[0]["step"], 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "fp32_matmul_peak_gflops": round(peak, 1),
-        "matmul_peak_range_gflops": [round(min(peaks), 1), round(max(peaks), 1)],
+        **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)} if device.type == "cuda" else {}),
+        "matmul_peak_gflops": round(peak, 1), "matmul_peak_range_gflops": [round(min(peaks), 1), round(max(peaks), 1)],
+        "fp32_matmul_peak_gflops": round(fp32_peak, 1),
     }
     print(json.dumps(result))
 

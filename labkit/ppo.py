@@ -360,7 +360,7 @@ class PPOTrainer:
     def step(self) -> dict:
         """One PPO update on a fresh batch of rollouts; returns its metrics (also appended to .history)."""
         cfg = self.config
-        t_start = time.time()
+        t_start = _clock(self.device)
 
         # 1. sample queries and roll out pi (no state changes before step 6: an interrupt here is harmless)
         idx = self.rng.integers(0, len(self.queries), size=cfg.batch_size)
@@ -368,7 +368,7 @@ class PPOTrainer:
             roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
                           generator=self.generator, batch_size=cfg.generation_batch_size, keep_query_prefix=True)
             reward = self.reward  # read under the lock: an online refit swaps it between updates, never within
-        t_gen = time.time()
+        t_gen = _clock(self.device)
 
         # 2. score the truncated responses
         scores = self._score(roll, reward)  # (B,)
@@ -393,7 +393,7 @@ class PPOTrainer:
             old_logprobs = torch.cat([o[0] for o in old])  # (B, R)
             old_values = None if values_from_training else torch.cat([o[1] for o in old])  # (B, R)
         roll.query_prefix = None  # (B, kv_heads, Q-1, d) per layer, ~190 MB on SmolLM2: not needed in training
-        t_score = time.time()
+        t_score = _clock(self.device)
 
         # 4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten keeping the mean
         #    (whitening statistics are over all processes' rollouts, as one process with the whole batch)
@@ -464,7 +464,7 @@ class PPOTrainer:
                 kl_mean = distributed.all_reduce_mean(kl_sum.mean()).item()
                 self.kl_ctl.update(kl_mean, B * distributed.world_size())
                 self.step_count += 1
-        t_end = time.time()
+        t_end = _clock(self.device)
 
         ratio_k3 = torch.exp(ref_logprobs - old_logprobs)  # k3 = (r - 1) - log r >= 0 per token, unbiased
         metrics = {
@@ -672,6 +672,14 @@ class PPOTrainer:
         torch.set_rng_state(tensors["rng.torch_cpu" + suffix])
         generator_state = tensors["rng.generator" + suffix]
         self.generator.set_state(generator_state.to(self.generator.device) if self.device.type != "cuda" else generator_state)
+
+
+def _clock(device: torch.device) -> float:
+    """Wall-clock seconds once the device's queued work is done: on a GPU the host runs ahead of the kernels,
+    and a phase's time would otherwise be charged to the next phase that waits for a result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 # Metrics already equal on every process (global or shared state); all others are averaged over processes.

@@ -101,3 +101,12 @@ def linear_decay_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -
         return max(0.0, 1.0 - step / total_steps)
 
     return LambdaLR(optimizer, factor)
+
+
+def gradients_are_finite(params) -> bool:
+    """No NaN or inf in any gradient of `params`: checked before an optimiser step, which would spread one NaN
+    into every weight it touches (and Adam's moments) for good. One fused norm per parameter, one sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # the norm is inf/NaN iff an entry is

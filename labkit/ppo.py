@@ -40,7 +40,7 @@ from labkit import distributed
 from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean
 from labkit.checkpointing import checkpoint_blocks
 from labkit.kl_controller import AdaptiveKLController, FixedKLController
-from labkit.optim import linear_decay_scheduler, make_optimizer
+from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
 from labkit.reward import RewardModel
 from labkit.sampling import Rollout, batch_slices, forward_responses, prefix_rows, query_prefix, sample, unwrap
 from labkit.tasks import Task, format_query, get_task
@@ -450,6 +450,12 @@ class PPOTrainer:
                                 if entropy is not None:
                                     stats["entropy"].append(entropy.sum(-1).mean().item())
                         distributed.average_gradients(self.params)  # DDP's all-reduce; no-op in one process
+                        if not gradients_are_finite(self.params):
+                            raise FloatingPointError(
+                                f"PPO update {self.step_count + 1}, epoch {epoch + 1}: non-finite gradients (a reward or "
+                                "log-prob that is NaN or inf, or a learning rate too high); stopped before this optimiser "
+                                "step. " + ("Earlier epochs of this update were applied: resume from the last checkpoint."
+                                            if epoch or mb_start else "The weights are as after the previous update."))
                         self.optimizer.step()
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()

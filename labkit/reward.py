@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labkit import distributed
-from labkit.optim import linear_decay_scheduler, make_optimizer
+from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
 from labkit.sampling import batch_slices, is_sharded, left_pad_mask, lm_forward, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
 
@@ -365,6 +365,11 @@ class RewardTrainer:
                     distributed.average_gradients(params)
                     loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
                     lr = opt.param_groups[0]["lr"]
+                    if not gradients_are_finite(params):
+                        raise FloatingPointError(
+                            f"Reward-model step {self.step + 1}: the loss ({loss_sum / len(batch):.4g}) or its gradients "
+                            "are not finite, so this step was not applied and the model is as after the previous step. "
+                            "Lower the learning rate (RewardConfig.lr), or check the labeled texts.")
                     opt.step()
                     sched.step()
                     self.step += 1

@@ -203,6 +203,23 @@ def autocast_for(model):
     return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
 
 
+def _avoid_cudnn_attention_for_training(device: torch.device) -> None:
+    """Before the first GPU pass with gradients, switch SDPA's cuDNN kernel off for this process.
+
+    Why: cuDNN's SDPA backward, SDPA's first choice on Hopper GPUs since torch 2.11 (still in 2.13), returns NaN
+    gradients for the queries when a mask is passed and some query row's log-sum-exp is below about -88.7
+    (pytorch/pytorch#196678; huggingface/trl#7181): a fully masked row has -inf, and every left-padded query
+    has such rows at its padding. On an H200 (torch 2.11) a reward model trained on padded queries reached a
+    NaN loss within 5 steps (benchmarks/results/gpu_ppo.jsonl, part "mock"). The backward runs the kernel its
+    forward chose, so no-gradient passes before any training (sampling, scoring) may keep cuDNN's forward,
+    which is correct. Process-wide rather than a context around each pass: `sdpa_kernel` sets the same global
+    flags and restores them on exit, which a pass in another thread (background training, an online refit)
+    could undo mid-way. SDPA then picks flash or memory-efficient attention, as before torch 2.11.
+    """
+    if device.type == "cuda" and torch.is_grad_enabled() and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def is_sharded(model) -> bool:
     """The model is split across processes by FSDP2 (labkit.distributed.shard_model)."""
     from torch.distributed.fsdp import FSDPModule
@@ -291,6 +308,7 @@ def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden
     if only is not None and only.numel() < T and not (torch.is_grad_enabled() and _checkpointed(base)):
         token = _ONLY.set((only, T))
     try:
+        _avoid_cudnn_attention_for_training(input_ids.device)
         with autocast_for(model):
             out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
                        logits_to_keep=keep, output_hidden_states=want_hidden, **extra)

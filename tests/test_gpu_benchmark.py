@@ -83,3 +83,15 @@ def test_a_failing_part_is_recorded_and_the_rest_runs(tmp_path):
     assert good["a"] == 1 and "error" not in good
     assert "error" in hung
     assert "boom" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.slow
+def test_padded_batch_gradients_check_runs_on_cpu():
+    """benchmarks/gpu_padding_grads.py (the GPU check of padded-batch gradients) on a CPU: fp32 against float64."""
+    import gpu_padding_grads
+
+    r = gpu_padding_grads.main([])
+    for kind in ("llama", "gpt2"):
+        for what in ("reward", "ppo"):
+            c = r[f"{kind}_{what}"]
+            assert c["nonfinite"] == 0 and c["tensors"] > 30 and 0 < c["rel_err"] < 1e-4, (kind, what, c)

@@ -146,3 +146,18 @@ def test_linear_decay_hits_zero_at_the_end():
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([2e-5, 1.5e-5, 1e-5, 0.5e-5, 0.0, 0.0, 0.0], abs=1e-20)
+
+
+def test_gradients_are_finite_against_a_naive_check():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((3, 4), (5,), (2, 2, 2))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: ignored
+    naive = lambda: all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)  # noqa: E731
+    assert optim.gradients_are_finite(params) and naive()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        params[1].grad[3] = bad
+        assert not optim.gradients_are_finite(params) and not naive()
+        params[1].grad[3] = 0.0
+    assert optim.gradients_are_finite([torch.nn.Parameter(torch.zeros(1))])  # no gradients at all

@@ -318,3 +318,13 @@ def test_a_separate_value_model_takes_its_old_values_from_its_first_epoch(micro)
         assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-7), k
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_a_nan_reward_stops_the_update_before_any_weight_changes():
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [float("nan")] * len(r), PROMPTS, config(batch_size=8))
+    params0 = [p.detach().clone() for p in trainer.params]
+    with pytest.raises(FloatingPointError, match="update 1, epoch 1.*as after the previous update"):
+        trainer.step()
+    assert trainer.step_count == 0
+    assert all(torch.equal(p, p0) for p, p0 in zip(trainer.params, params0))

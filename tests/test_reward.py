@@ -165,3 +165,18 @@ def test_scores_and_gradients_equal_a_model_whose_last_mlp_runs_everywhere(tiny)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for n, grad in grads.items():
         torch.testing.assert_close(grad, grads_ref[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_a_non_finite_gradient_stops_training_before_the_step_is_applied(tiny):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    rm.lm.requires_grad_(True)
+    with torch.no_grad():
+        next(p for n, p in rm.lm.named_parameters() if "layers.1.mlp" in n).view(-1)[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in rm.named_parameters()}
+    examples = [KWayExample(f"Query {i}.", [" a b", " c d", " e f", " g h"], i % 4) for i in range(8)]
+    trainer = RewardTrainer(rm, RewardConfig(lr=1e-3, batch_size=4, epochs=1, heldout_fraction=0.0))
+    with pytest.raises(FloatingPointError, match="not applied"):
+        trainer.fit(examples, progress=False)
+    assert trainer.step == 0 and trainer.history == []
+    assert all(torch.equal(p, before[n]) or torch.isnan(before[n]).any() for n, p in rm.named_parameters())

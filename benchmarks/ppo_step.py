@@ -127,7 +127,8 @@ def write_profile(trainer, device, path: str) -> None:
     lines = [f"profiled update: {m['time/step']:.3f} s (generation {m['time/generation']:.3f}, "
              f"scoring {m['time/scoring']:.3f}, optimisation {m['time/optimization']:.3f}; slower than unprofiled)"]
     if device.type == "cuda":
-        busy = sum(e.self_device_time_total for e in table) / 1e6
+        # kernels only: an operator's self device time is the time of its kernels, which are rows of their own
+        busy = sum(e.self_device_time_total for e in table if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
         try:
             by_device = table.table(sort_by="self_device_time_total", row_limit=40)
         except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA

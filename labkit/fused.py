@@ -43,6 +43,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 _COMPILED = {fn: torch.compile(fn, dynamic=True) for fn in (rms_norm, swiglu)}
+# Each kernel is compiled once per variant of its inputs (dtype, grad mode, whether the weight is trained, eps:
+# a policy, rho, a reward model and float64 checks in one process make more than torch's default of 8). Past
+# that limit torch runs new variants eagerly while old ones stay compiled, so two passes that should agree
+# bit for bit (pi and rho at equal weights: a KL of exactly 0) could take different kernels.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 _state = {"enabled": True, "failed": None}  # failed: the compile error, once one happened
 
 

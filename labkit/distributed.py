@@ -248,6 +248,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return out.to(x.device)
 
 
+def on_every_process(flag: bool) -> bool:
+    """`flag` holds on every process (one all-reduce; `flag` itself in one process)."""
+    if not is_distributed():
+        return flag
+    return all_reduce_sum(torch.tensor([0.0 if flag else 1.0])).item() == 0
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Elementwise mean of `x` over all processes (each process's `x` counts once)."""
     if not is_distributed():

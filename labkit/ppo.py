@@ -450,7 +450,7 @@ class PPOTrainer:
                                 if entropy is not None:
                                     stats["entropy"].append(entropy.sum(-1).mean().item())
                         distributed.average_gradients(self.params)  # DDP's all-reduce; no-op in one process
-                        if not gradients_are_finite(self.params):
+                        if not distributed.on_every_process(gradients_are_finite(self.params)):
                             raise FloatingPointError(
                                 f"PPO update {self.step_count + 1}, epoch {epoch + 1}: non-finite gradients (a reward or "
                                 "log-prob that is NaN or inf, or a learning rate too high); stopped before this optimiser "

@@ -365,7 +365,7 @@ class RewardTrainer:
                     distributed.average_gradients(params)
                     loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
                     lr = opt.param_groups[0]["lr"]
-                    if not gradients_are_finite(params):
+                    if not distributed.on_every_process(gradients_are_finite(params)):
                         raise FloatingPointError(
                             f"Reward-model step {self.step + 1}: the loss ({loss_sum / len(batch):.4g}) or its gradients "
                             "are not finite, so this step was not applied and the model is as after the previous step. "

@@ -130,7 +130,9 @@ def summarise(records: dict, on_gpu: bool, size: str) -> dict:
     if ok(shared):
         phases = {k: shared[f"{k}_s"] for k in ("generation", "scoring", "optimization")}
         out["shared_largest_phase"] = max(phases, key=phases.get)
-        out["shared_phase_shares"] = {k: round(v / shared["seconds_per_update"], 3) for k, v in phases.items()}
+        # shares of the three phases' sum: each phase is a median over updates, so the medians need not add up
+        # to the median update time
+        out["shared_phase_shares"] = {k: round(v / sum(phases.values()), 3) for k, v in phases.items()}
     if ok(mock):
         out["mock_seconds"] = mock.get("seconds")
     decode = records.get("decode", {})

@@ -201,9 +201,10 @@ def main(argv=None):
         "batch": args.batch, "query": args.query, "response": args.response, "epochs": args.epochs,
         "micro_batch": args.micro_batch, "threads": args.threads, "gradient_checkpointing": args.gradient_checkpointing,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # glibc's, when set (ppo_side_by_side --also-lean)
-        "seconds_per_update": round(med, 2), "episodes_per_s": round(args.batch / med, 3),
-        "generation_s": round(split["generation"], 2), "scoring_s": round(split["scoring"], 2),
-        "optimization_s": round(split["optimization"], 2), "peak_rss_gib": round(peak_rss_gib, 2),
+        # four decimals: the tiny CPU check's phases take hundredths of a second
+        "seconds_per_update": round(med, 4), "episodes_per_s": round(args.batch / med, 3),
+        "generation_s": round(split["generation"], 4), "scoring_s": round(split["scoring"], 4),
+        "optimization_s": round(split["optimization"], 4), "peak_rss_gib": round(peak_rss_gib, 2),
         **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.type == "cuda" else {}),
         "flops_per_update": f"{flops['total']:.3e}", "matmul_peak_gflops": round(peak, 1),
         "matmul_peak_range_gflops": [round(min(peaks), 1), round(max(peaks), 1)],

@@ -6,7 +6,7 @@ usual case: left-padded queries) and without one (queries of one length: transfo
 runs its causal kernel; the grouped arm then gets the causal mask spelled out). Inputs are laid out as
 transformers hands them over (views of (B, T, heads, D)).
 Both arms alternate in one process; medians of `--repeats` calls. Prints one JSON line at the end; the
-crossover it shows is `labkit.attention.MAX_KEYS`.
+crossover it shows is `labkit.speed.attention.MAX_KEYS`.
 
     python benchmarks/attention.py
 """
@@ -33,8 +33,8 @@ def main():
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from labkit import attention
-    from labkit.attention import grouped_attention
+    from labkit.speed import attention
+    from labkit.speed.attention import grouped_attention
 
     MAX_KEYS = dict(attention.MAX_KEYS)
     attention.MAX_KEYS = {True: 10**9, False: 10**9}  # measure the grouped kernel at every length

@@ -1,4 +1,4 @@
-"""Compiled RMSNorm and SwiGLU (labkit/fused.py) vs transformers' eager formulas, A/B in one process.
+"""Compiled RMSNorm and SwiGLU (labkit/speed/fused.py) vs transformers' eager formulas, A/B in one process.
 
 One SmolLM2 model; each unit of work is `--micro` training micro-batches of ppo_step.py's shapes (16 rollouts
 x (64 + 24) tokens, shared-head PPO's forward: log-probs at the 24 response positions and the final hidden
@@ -30,7 +30,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from labkit import fused
+    from labkit.speed import fused
     from labkit.models import load_lm
     from labkit.sampling import forward_responses
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from labkit.labels import LabelStore
+from labkit.labeling.store import LabelStore
 from labkit.tasks import SENTIMENT
 from labkit.widgets.labeler import ComparisonLabeler
 

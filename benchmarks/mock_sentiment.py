@@ -141,8 +141,8 @@ def log(msg: str) -> None:
 
 def collect_labels(args, store, rho, tok, task, prompts, labeler):
     """Sample 4-way comparisons from rho until VADER has labeled args.n_labels of them (it skips tied tops)."""
-    from labkit.comparisons import make_comparisons
-    from labkit.labelers import label_pending
+    from labkit.labeling.comparisons import make_comparisons
+    from labkit.labeling.labelers import label_pending
 
     def labeled():
         return len(store.training_set(task=task.name, kind="train"))
@@ -352,10 +352,10 @@ def main(argv=None):
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
 
     from labkit.data import load_prompts
-    from labkit.labelers import VaderLabeler
-    from labkit.labels import LabelStore
+    from labkit.labeling.labelers import VaderLabeler
+    from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
-    from labkit.ppo import PPOConfig, PPOTrainer
+    from labkit.rl import PPOConfig, PPOTrainer
     from labkit.reward import KWayExample
     from labkit.tasks import SENTIMENT
 

@@ -8,7 +8,7 @@ MFU counts matmul FLOPs honestly (attention scores ignored, ~2%), with N = the t
 (all Linear layers inside the transformer blocks), M = those of the last block's MLP, H = d_model * vocab
 (the LM head), B = batch, Q = query, R = response, T = Q + R, E = PPO epochs:
   generation  2*N*B*(T-1) + 2*H*B*R - 2*M*B*(Q-1)   (prefill + one token at a time with a KV cache; the
-              prefill reads one position, so the last block's MLP runs there only: sampling.prune_last_mlp)
+              prefill reads one position, so the last block's MLP runs there only: labkit/speed/last_mlp.py)
   scoring     rho: 2*N*B*T + 2*H*B*(R+1) - 2*M*B*(Q-1) (its own query prefill, then the R response positions);
               pi (old log-probs and shared values): 2*N*B*R + 2*H*B*R (the R response positions only,
               continuing from the sampler's query prefix); reward model: 2*N*B*T - 2*M*B*(T-R) (its last
@@ -77,7 +77,7 @@ def trunk_matmul_params(model) -> int:
 
 def last_mlp_matmul_params(model) -> int:
     """M: the matmul weights of the last transformer block's MLP (what `prune_last_mlp` skips at unread positions)."""
-    from labkit.checkpointing import transformer_blocks
+    from labkit.speed.blocks import transformer_blocks
 
     return _matmul_weights(transformer_blocks(model)[-1].mlp)
 
@@ -99,7 +99,7 @@ def sentiment_trainer(policy, tok, batch, query, response, epochs, micro_batch, 
                       gradient_checkpointing=False):
     """A PPOTrainer at the benchmark's shapes, against an untrained reward model copied from the policy."""
     from labkit.data import load_prompts
-    from labkit.ppo import PPOConfig, PPOTrainer
+    from labkit.rl import PPOConfig, PPOTrainer
     from labkit.reward import reward_model_from_lm
     from labkit.tasks import SENTIMENT
 

@@ -64,7 +64,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from labkit.data import load_prompts
-    from labkit.labels import LabelStore
+    from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
     from labkit.reward import KWayExample, RewardConfig, RewardTrainer, reward_model_from_lm
     from labkit.tasks import SENTIMENT

@@ -1,4 +1,4 @@
-"""In-place vocabulary gradients (labkit/inplace_grads.py) vs autograd's own, A/B in one process.
+"""In-place vocabulary gradients (labkit/speed/inplace_grads.py) vs autograd's own, A/B in one process.
 
 One SmolLM2 model whose embedding and head classes are switched between labkit's in-place versions and the
 stock nn.Embedding / nn.Linear before each optimiser-step-sized unit of work: `--micro` training micro-batches
@@ -32,7 +32,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from labkit.inplace_grads import InPlaceGradEmbedding, InPlaceGradLinear
+    from labkit.speed.inplace_grads import InPlaceGradEmbedding, InPlaceGradLinear
     from labkit.models import load_lm
     from labkit.sampling import forward_responses
 

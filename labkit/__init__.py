@@ -1,8 +1,14 @@
 """labkit: fine-tune language models from human preferences, in a notebook.
 
-Modules, one concept each: models (loading), tasks (the paper's four tasks), data (prompt sources),
-sampling (rollouts and log-probs), labels (the label database), labelers (mock labelers),
-reward (reward model), ppo (the trainer), widgets (labeling and dashboard views).
+The house, lowest floor first (a module imports only its own floor or lower; tests/test_layout.py):
+- speed/      everything that makes a transformers model run faster; `speed.apply(model)`, one switch
+- models, tasks, data, optim, distributed, sampling: loading, the paper's tasks, prompt sources, the
+  optimiser, multi-process collectives, rollouts and log-probs
+- reward/     the reward model and its training on k-way comparisons
+- rl/         per-token rewards, GAE, PPO losses, KL control, value functions, the trainer
+- evaluate, sft: win rates, ROUGE, frontier plots; the supervised baseline
+- labeling/   the label store (no torch), comparison queues, programmatic labelers, the online procedure
+- scale/, widgets/: job files and the `labkit` command; the labeling widget and the dashboard
 """
 
 __version__ = "0.1.0"

@@ -159,8 +159,7 @@ def shard_model(model) -> None:
         return
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from labkit.checkpointing import transformer_blocks
-    from labkit.sampling import unwrap
+    from labkit.speed.blocks import transformer_blocks, unwrap
 
     base = unwrap(model)
     if isinstance(base, FSDPModule):
@@ -262,7 +261,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(x) / world_size()
 
 
-def _global_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def global_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 mean and population variance over all processes' elements: two passes (sum, then squared
     deviations from the global mean). Processes may hold different numbers of elements, also zero."""
     flat = x.detach().double().flatten()
@@ -283,23 +282,8 @@ def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if not is_distributed():
         return x.mean(), x.std(unbiased=False)
-    mean, var = _global_mean_var(x)
+    mean, var = global_mean_var(x)
     return mean.to(x.dtype), var.sqrt().to(x.dtype)
-
-
-def global_whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """`labkit.advantages.whiten(x)` (no mask) with the mean and variance taken over all processes.
-
-    A single process calls `whiten` itself, so notebook runs are bit-for-bit unchanged.
-    """
-    if not is_distributed():
-        from labkit.advantages import whiten
-
-        return whiten(x, shift_mean=shift_mean, eps=eps)
-    mean, var = _global_mean_var(x)
-    mean, var = mean.to(x.dtype), var.to(x.dtype)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    return whitened if shift_mean else whitened + mean
 
 
 def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
@@ -362,6 +346,17 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
 
 @torch.no_grad()
+def prepare(trainable: Iterable[torch.Tensor], models: Iterable) -> None:
+    """At a trainer's construction, before its optimiser exists: every process starts from the main process's
+    trainable weights, then under an FSDP launch each model (None entries skipped) is split across the
+    processes. Sharding replaces the parameters: collect the optimiser's list afterwards. A no-op in one
+    process."""
+    broadcast_parameters(trainable)
+    for model in models:
+        if model is not None:
+            shard_model(model)
+
+
 def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0) -> None:
     """Copy the main process's values into every process's tensors (DDP does this when it wraps a model)."""
     if not is_distributed():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from labkit.inplace_grads import accumulate_vocab_grads_in_place
+from labkit import speed
 
 EMBEDDED = "smollm2-135m"
 TINY = "tiny"
@@ -100,7 +100,7 @@ def prepare_embedded(force: bool = False) -> Path:
     target = embedded_model_dir()
     if (target / _DONE_MARKER).exists() and not force:
         return target
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = _embedded_gguf_folder()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,8 @@ def tiny_config(vocab_size: int):
     )
 
 
-def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_autocast: bool | None = None):
+def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_autocast: bool | None = None,
+            speedups: bool | None = None):
     """Return `(model, tokenizer)` ready for labkit: eval mode, dropout off, left-padding tokenizer.
 
     name: "smollm2-135m" (embedded, offline), "tiny" (random 2-layer model with SmolLM2's tokenizer, for
@@ -191,12 +192,10 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     None = on for a CUDA device with bf16, off on a CPU. True on a CPU with AVX512-BF16 or AMX: on this
     project's 2-core Xeon with AMX bf16 matmuls peak at about 1,450 GFLOP/s against fp32's 270-300, and a
     PPO update ran 1.55x faster than in fp32 (benchmarks/README.md; the elementwise work does not speed up).
+    speedups: labkit's speed layer (labkit/speed/); None = on unless LABKIT_SPEEDUPS=0; False = plain
+    transformers modules, with the same results.
     """
     from transformers import AutoModelForCausalLM
-
-    from labkit.attention import use_grouped_attention
-    from labkit.fused import use_fused_kernels
-    from labkit.sampling import prune_last_mlp
 
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -230,10 +229,7 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device=dev, dtype=dt)
-    accumulate_vocab_grads_in_place(model)  # no (V, H) gradient tensors per micro-batch (labkit/inplace_grads.py)
-    use_grouped_attention(model)  # short padded sequences on a CPU (labkit/attention.py); SDPA otherwise
-    use_fused_kernels(model)  # compiled RMSNorm and SwiGLU on a CPU for Llama-family models (labkit/fused.py)
-    prune_last_mlp(model)  # the last block's MLP only where outputs are read (sampling.lm_forward's `only`)
+    speed.apply(model, speedups)
     model.labkit_bf16_autocast = bf16_autocast  # read by sampling.autocast_for; copies of the model keep it
     model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
     return model, tokenizer

@@ -12,19 +12,15 @@ Conventions (shapes): B batch, Q query length (left-padded), R response length, 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from labkit.speed import last_mlp
+from labkit.speed.blocks import unwrap
 from labkit.tasks import Task, token_ids_matching, truncation_index
-
-
-def unwrap(model):
-    """The plain transformers model under a peft wrapper (adapters stay injected and active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def pad_left(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,56 +231,6 @@ def _cache_argument(model_class) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-# (positions (K,), T) while `lm_forward(only=...)` runs: the positions of its T inputs whose outputs are read
-_ONLY: contextvars.ContextVar = contextvars.ContextVar("labkit_only_positions", default=None)
-
-
-def prune_last_mlp(model) -> bool:
-    """Let `lm_forward(only=...)` run the last transformer block's MLP at the positions read only.
-
-    Why: the last block's keys and values are needed at every position (attention reads them), but what comes
-    after its attention (the MLP, the final norm, the head) matters only where the caller reads the output:
-    in a PPO training pass over 64 query + 23 response positions, the 24 positions that predict response
-    tokens. On SmolLM2 the MLP is 75% of a block's matmul weights, so this skips 1.7% of the training pass's
-    FLOPs (and more of a prefill, where one position is read). A forward pre-hook on the block's `mlp` gathers
-    the read positions (B, K, H) and a forward hook scatters its output back into zeros (B, T, H): the other
-    positions' final hidden states are then not the model's, and `lm_forward` returns only the read ones.
-    Works for any model whose blocks (`checkpointing.transformer_blocks`) have a position-wise `mlp` (Llama,
-    GPT-2, ...); returns False (and does nothing) for others. Copies of the model keep the hooks.
-    """
-    from labkit.checkpointing import transformer_blocks
-
-    blocks = transformer_blocks(model)
-    mlp = getattr(blocks[-1], "mlp", None) if blocks else None
-    if not isinstance(mlp, torch.nn.Module):
-        return False
-    mlp.register_forward_pre_hook(_gather_read_positions)
-    mlp.register_forward_hook(_scatter_read_positions)
-    return True
-
-
-def _gather_read_positions(module, args):
-    only = _ONLY.get()
-    if only is None or args[0].dim() != 3 or args[0].shape[1] != only[1]:
-        return None
-    return (args[0][:, only[0]], *args[1:])  # (B, K, H)
-
-
-def _scatter_read_positions(module, args, out):
-    only = _ONLY.get()
-    if only is None or args[0].shape[1] != only[0].numel():  # the pre-hook did not gather
-        return None
-    full = out.new_zeros(out.shape[0], only[1], out.shape[2])  # (B, T, H)
-    return full.index_copy(1, only[0], out)
-
-
-def _checkpointed(base) -> bool:
-    """Blocks recompute their forward in backward (labkit.checkpointing, or HF's in train mode), outside the
-    `lm_forward` call that set `_ONLY`."""
-    return any(getattr(type(m), "_labkit_checkpointed", False)
-               or (base.training and getattr(m, "gradient_checkpointing", False) is True) for m in base.modules())
-
-
 def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden: bool = False, cache=None,
                use_cache: bool = False, only: torch.Tensor | None = None):
     """One call of the causal LM's own `forward`: logits only at the positions in `keep`, and optionally the
@@ -296,25 +242,17 @@ def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden
     `fully_shard` on the whole model, labkit.distributed.shard_model) fire on every call. The hidden states
     are the last of `output_hidden_states` (after the final norm): being part of the model's output, a
     backward pass from them alone (the reward model's loss) still passes through FSDP's backward hooks.
-    only: the 1-D positions of the T inputs whose outputs the caller reads (`keep` must be among them); the
-    last block's MLP then runs there only (`prune_last_mlp`) and `hidden` is (B, K, H) at those positions.
-    Ignored while the blocks are checkpointed (their backward recomputes the forward outside this call).
+    only: the 1-D positions of the T inputs whose outputs the caller reads (`keep` must be among them);
+    `hidden` is then (B, K, H) at those positions, and with the speed layer on the last block's MLP runs there
+    only (labkit/speed/last_mlp.py).
     """
     base = unwrap(model)
     cache_arg = _cache_argument(type(base))
     extra = {cache_arg: cache} if cache is not None else {}
-    T = input_ids.shape[1]
-    token = None
-    if only is not None and only.numel() < T and not (torch.is_grad_enabled() and _checkpointed(base)):
-        token = _ONLY.set((only, T))
-    try:
-        _avoid_cudnn_attention_for_training(input_ids.device)
-        with autocast_for(model):
-            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
-                       logits_to_keep=keep, output_hidden_states=want_hidden, **extra)
-    finally:
-        if token is not None:
-            _ONLY.reset(token)
+    _avoid_cudnn_attention_for_training(input_ids.device)
+    with autocast_for(model), last_mlp.reading_only(base, only, input_ids.shape[1]):
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                   logits_to_keep=keep, output_hidden_states=want_hidden, **extra)
     new_cache = (out.cache if cache_arg == "cache" else out.past_key_values) if use_cache else None
     hidden = out.hidden_states[-1] if want_hidden else None
     if hidden is not None and only is not None:

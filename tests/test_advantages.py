@@ -1,10 +1,10 @@
-"""Pure functions of labkit.advantages against naive python-loop references."""
+"""Pure functions of labkit.rl.advantages against naive python-loop references."""
 
 import inspect
 
 import torch
 
-from labkit.advantages import compute_gae, kl_penalty_rewards, masked_mean, masked_var, whiten
+from labkit.rl.advantages import compute_gae, kl_penalty_rewards, masked_mean, masked_var, whiten
 
 B, T = 4, 7
 LENGTHS = [7, 3, 5, 1]  # ragged rows, right padded

@@ -1,4 +1,4 @@
-"""Grouped attention (labkit/attention.py) against PyTorch's SDPA: outputs and gradients, masks, fallbacks."""
+"""Grouped attention (labkit/speed/attention.py) against PyTorch's SDPA: outputs and gradients, masks, fallbacks."""
 
 import copy
 from types import SimpleNamespace
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labkit import attention
-from labkit.attention import grouped_attention, use_grouped_attention
+from labkit.speed import attention
+from labkit.speed.attention import grouped_attention, use_grouped_attention
 from labkit.sampling import forward_responses, left_pad_mask
 
 

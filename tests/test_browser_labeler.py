@@ -15,7 +15,7 @@ import pytest
 
 from browser import (cell_count, chromium_or_skip, jupyterlab, launch_chromium, open_notebook, run_all_cells,
                      wait_for, write_notebook)
-from labkit.labels import LabelStore
+from labkit.labeling.store import LabelStore
 
 pytestmark = pytest.mark.browser
 
@@ -64,7 +64,7 @@ def test_label_with_clicks_and_keys_in_jupyterlab(tmp_path):
         ids = add_comparisons(store)
     write_notebook(tmp_path / "lab.ipynb", [
         "import sys\n"
-        "from labkit.labels import LabelStore\n"
+        "from labkit.labeling.store import LabelStore\n"
         "from labkit.widgets import ComparisonLabeler\n"
         "print('kernel python:', sys.executable)\n"
         f"labeler = ComparisonLabeler(LabelStore('labels.db'), 'sentiment', labeler={LABELER!r}, seed=0)\n"

@@ -4,10 +4,10 @@ import copy
 
 import torch
 
-import labkit.checkpointing
-from labkit.checkpointing import checkpoint_blocks
+import labkit.speed.checkpointing
+from labkit.speed.checkpointing import checkpoint_blocks
 from labkit.models import load_lm
-from labkit.ppo import PPOConfig, PPOTrainer
+from labkit.rl import PPOConfig, PPOTrainer
 from labkit.sampling import forward_responses, pad_left
 from labkit.tasks import SENTIMENT
 
@@ -60,8 +60,8 @@ def test_no_grad_passes_and_frozen_blocks_run_plainly(monkeypatch):
     model, tok = load_lm("tiny", device="cpu", seed=0)
     checkpoint_blocks(model)
     calls = []
-    real = labkit.checkpointing.checkpoint
-    monkeypatch.setattr(labkit.checkpointing, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = labkit.speed.checkpointing.checkpoint
+    monkeypatch.setattr(labkit.speed.checkpointing, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     batch = _batch(tok)
     with torch.no_grad():
         _loss(model, batch)

@@ -4,7 +4,7 @@ Three tiers:
 - job files and single-process behaviour (milliseconds);
 - the helpers of labkit.distributed on 2 spawned gloo processes against the single-process computation on
   the concatenated data: global mean/std, whitening, gradient averaging (equal and unequal shares);
-- `accelerate launch --multi_gpu --num_processes 2 -m labkit.cli ...` on the tiny model, on CPU (gloo):
+- `accelerate launch --multi_gpu --num_processes 2 -m labkit.scale.cli ...` on the tiny model, on CPU (gloo):
   identical weights on both processes and in the checkpoint, files written once, and a 2-process reward
   model equal to the 1-process one trained on the same batches.
 """
@@ -32,8 +32,8 @@ WORDS = ["table", "window", "river", "stone", "paper", "green", "seven"]
 
 
 def _ppo_job(tmp_path):
-    from labkit.jobs import PPOJob
-    from labkit.ppo import PPOConfig
+    from labkit.scale.jobs import PPOJob
+    from labkit.rl import PPOConfig
 
     return PPOJob(run_dir=str(tmp_path / "run"), n_updates=3, model="tiny", task="sentiment",
                   task_overrides={"response_length": 4, "truncation": {"text": ".", "after": 2}},
@@ -42,7 +42,7 @@ def _ppo_job(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
 def test_jobs_round_trip_through_yaml_and_json(tmp_path, suffix):
-    from labkit.jobs import PPOJob, RewardJob
+    from labkit.scale.jobs import PPOJob, RewardJob
     from labkit.reward import RewardConfig
     from labkit.tasks import TruncationRule
 
@@ -61,7 +61,7 @@ def test_jobs_round_trip_through_yaml_and_json(tmp_path, suffix):
 def test_job_files_with_unknown_keys_or_for_the_other_command_are_refused(tmp_path):
     import yaml
 
-    from labkit.jobs import PPOJob, RewardJob
+    from labkit.scale.jobs import PPOJob, RewardJob
 
     good = yaml.safe_load(_ppo_job(tmp_path).save(tmp_path / "ppo.yaml").read_text())
 
@@ -86,12 +86,12 @@ def test_job_files_with_unknown_keys_or_for_the_other_command_are_refused(tmp_pa
 
 
 def test_in_one_process_the_helpers_are_the_plain_computations():
-    from labkit.advantages import whiten
+    from labkit.rl.advantages import global_whiten, whiten
 
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
     assert distributed.process_seed(7) == 7 and distributed.shard([1, 2, 3]) == [1, 2, 3]
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(distributed.global_whiten(x, shift_mean=False), whiten(x, shift_mean=False))
+    assert torch.equal(global_whiten(x, shift_mean=False), whiten(x, shift_mean=False))
     mean, std = distributed.global_mean_std(x)
     assert torch.equal(mean, x.mean()) and torch.equal(std, x.std(unbiased=False))
     p = torch.nn.Parameter(torch.ones(3))
@@ -108,7 +108,7 @@ def test_in_one_process_the_helpers_are_the_plain_computations():
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "does not support `fsdp_offload_params: true`"),
 ])
 def test_launch_settings_labkit_cannot_run_are_refused_with_a_clear_message(tmp_path, monkeypatch, env, message):
-    from labkit import cli
+    from labkit.scale import cli
 
     job = _ppo_job(tmp_path).save(tmp_path / "ppo.yaml")
     for k, v in env.items():
@@ -119,8 +119,8 @@ def test_launch_settings_labkit_cannot_run_are_refused_with_a_clear_message(tmp_
 
 
 def test_a_missing_label_store_is_an_error_not_an_empty_store(tmp_path):
-    from labkit.cli import train_reward
-    from labkit.jobs import RewardJob
+    from labkit.scale.cli import train_reward
+    from labkit.scale.jobs import RewardJob
 
     with pytest.raises(FileNotFoundError, match="Label store .*nope.db does not exist"):
         train_reward(RewardJob(labels=str(tmp_path / "nope.db"), output_dir=str(tmp_path / "rm")), torch.device("cpu"))
@@ -157,14 +157,16 @@ def _kway_grad(w0, features, best, batch, world=1):
 def _worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
+    from labkit.rl.advantages import global_whiten
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     d = _data()
     out = {"seed": distributed.process_seed(5), "shard": distributed.shard(list(range(5)))}
     mine = d["x"][:3] if rank == 0 else d["x"][3:]
     out["mean"], out["std"] = distributed.global_mean_std(mine)
     rows = d["adv"][2 * rank : 2 * rank + 2]
-    out["whitened"] = distributed.global_whiten(rows)
-    out["rescaled"] = distributed.global_whiten(rows, shift_mean=False)
+    out["whitened"] = global_whiten(rows)
+    out["rescaled"] = global_whiten(rows, shift_mean=False)
     for name, batch in (("grad_all", [0, 1, 2, 3, 4]), ("grad_one", [3])):  # shares 3 + 2; 1 + none
         w = _kway_grad(d["w0"], d["features"], d["best"], batch, world)
         distributed.average_gradients([w])
@@ -191,7 +193,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_two_gloo_processes_compute_what_one_process_computes_on_all_the_data(tmp_path):
-    from labkit.advantages import whiten
+    from labkit.rl.advantages import whiten
 
     torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -233,14 +235,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
 
 
 def _launch(*args, cwd, config: str | None = None) -> str:
-    """`accelerate launch` 2 processes of `python -m labkit.cli ARGS` on CPU; returns stdout.
+    """`accelerate launch` 2 processes of `python -m labkit.scale.cli ARGS` on CPU; returns stdout.
 
     config: None = plain data parallel (--multi_gpu), else a file in examples/accelerate (e.g. "fsdp.yaml"),
     launched as the README says, with the process count set to 2.
     """
     how = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"] if config is None else ["--config_file", str(EXAMPLES / config)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "labkit.cli", *map(str, args)]
+           "--main_process_port", str(_free_port()), "-m", "labkit.scale.cli", *map(str, args)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -263,9 +265,9 @@ def _digest(stdout: str) -> str:
 
 @pytest.fixture(scope="module")
 def workdir():
-    from labkit.jobs import PPOJob, RewardJob
-    from labkit.labels import LabelStore
-    from labkit.ppo import PPOConfig
+    from labkit.scale.jobs import PPOJob, RewardJob
+    from labkit.labeling.store import LabelStore
+    from labkit.rl import PPOConfig
     from labkit.reward import RewardConfig
 
     with tempfile.TemporaryDirectory(prefix="labkit-dist-") as tmp:
@@ -300,8 +302,8 @@ def workdir():
 
 @pytest.mark.slow
 def test_train_reward_on_two_processes_equals_one_process_on_the_same_batches(workdir):
-    from labkit.cli import train_reward
-    from labkit.jobs import RewardJob
+    from labkit.scale.cli import train_reward
+    from labkit.scale.jobs import RewardJob
     from labkit.reward import RewardModel
 
     stdout = _launch("train-reward", "rm2.yaml", "--check-sync", cwd=workdir)

@@ -200,7 +200,7 @@ class FakeLabel:
 
 
 class FakeStore:
-    """Stands in for labkit.labels.LabelStore: only training_set, filtered by task and kind."""
+    """Stands in for labkit.labeling.store.LabelStore: only training_set, filtered by task and kind."""
 
     def __init__(self, rows):
         self.rows = rows  # (task, kind, comparison, label)

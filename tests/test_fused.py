@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from labkit import fused
+from labkit.speed import fused
 from labkit.sampling import forward_responses
 
 

@@ -90,7 +90,7 @@ def test_a_failing_part_is_recorded_and_the_rest_runs(tmp_path):
 def test_padded_batch_gradients_check_runs_on_cpu():
     """benchmarks/gpu_padding_grads.py (the GPU check of padded-batch gradients) on a CPU: fp32 against float64.
     In its own process, as it runs: its float64 models would add variants to this process's compiled kernels
-    (labkit/fused.py), whose recompile limit other tests' exact comparisons depend on."""
+    (labkit/speed/fused.py), whose recompile limit other tests' exact comparisons depend on."""
     out = subprocess.run([sys.executable, str(BENCH / "gpu_padding_grads.py")], capture_output=True, text=True,
                          check=True, cwd=BENCH.parent).stdout
     r = json.loads(out.strip().splitlines()[-1])

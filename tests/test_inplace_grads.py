@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from labkit.inplace_grads import InPlaceGradEmbedding, InPlaceGradLinear, accumulate_vocab_grads_in_place
+from labkit.speed.inplace_grads import InPlaceGradEmbedding, InPlaceGradLinear, accumulate_vocab_grads_in_place
 from labkit.models import load_lm
 from labkit.sampling import autocast_for, forward_responses
 
@@ -59,7 +59,7 @@ def test_gradients_equal_autograds_over_accumulated_micro_batches(tiny, tied):
 
 
 def test_frozen_weights_and_no_grad_take_the_plain_path(tiny, monkeypatch):
-    from labkit import inplace_grads
+    from labkit.speed import inplace_grads
 
     calls = []
     for fn in (inplace_grads._EmbeddingFn, inplace_grads._LinearFn):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from labkit.kl_controller import AdaptiveKLController, FixedKLController
+from labkit.rl.kl_controller import AdaptiveKLController, FixedKLController
 
 
 def naive_adaptive_betas(init_beta, target, horizon, kls, n_episodes):

@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from labkit.comparisons import make_comparisons
+from labkit.labeling.comparisons import make_comparisons
 from labkit.data import Prompt
-from labkit.labels import LabelStore
+from labkit.labeling.store import LabelStore
 from labkit.tasks import SENTIMENT, TruncationRule
 from labkit.widgets import ComparisonLabeler
 from labkit.widgets.labeler import response_html
@@ -231,10 +231,10 @@ def test_make_comparisons_with_tiny_model(store, tiny):
 
 
 def test_make_policy_vs_rho_stores_blind_pairs(tmp_path):
-    from labkit.comparisons import make_policy_vs_rho
-    from labkit.labels import LabelStore
+    from labkit.labeling.comparisons import make_policy_vs_rho
+    from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
-    from labkit.ppo import PPOConfig, PPOTrainer
+    from labkit.rl import PPOConfig, PPOTrainer
     from labkit.tasks import SENTIMENT
 
     model, tok = load_lm("tiny", device="cpu")

@@ -4,9 +4,9 @@ label_pending files labels under the labeler's id."""
 import numpy as np
 import pytest
 
-from labkit.labelers import (DescriptivenessLabeler, RougeLabeler, VaderLabeler, descriptiveness, label_pending,
+from labkit.labeling.labelers import (DescriptivenessLabeler, RougeLabeler, VaderLabeler, descriptiveness, label_pending,
                              pick)
-from labkit.labels import Comparison, LabelStore
+from labkit.labeling.store import Comparison, LabelStore
 
 HAPPY, SAD = "I love this wonderful happy day.", "This is awful and sad."
 VIVID = "The crimson sun sank behind jagged peaks, casting long violet shadows across the silent, misty valley."

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import labkit.labels
-from labkit.labels import Comparison, Label, LabelStore, LabelStoreError
+import labkit.labeling.store
+from labkit.labeling.store import Comparison, Label, LabelStore, LabelStoreError
 
-LABELS_PY = Path(labkit.labels.__file__)
+LABELS_PY = Path(labkit.labeling.store.__file__)
 
 # A child process that records N labels and prints each id once record_label has returned, i.e. once the
 # store says it is committed. It loads labels.py by path, so it starts fast whatever labkit/__init__ imports.

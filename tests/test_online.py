@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import labkit.online
-import labkit.ppo
+import labkit.labeling.online
+import labkit.rl.trainer
 import labkit.sampling
-from labkit.labelers import label_pending
-from labkit.labels import LabelStore
+from labkit.labeling.labelers import label_pending
+from labkit.labeling.store import LabelStore
 from labkit.models import load_lm
-from labkit.online import OnlineConfig, OnlineLoop, stop_button
-from labkit.ppo import PPOConfig, PPOTrainer
+from labkit.labeling.online import OnlineConfig, OnlineLoop, stop_button
+from labkit.rl import PPOConfig, PPOTrainer
 from labkit.reward import RewardConfig, RewardModel
 from labkit.tasks import SENTIMENT
 from labkit.widgets import Dashboard
@@ -150,8 +150,8 @@ def test_sampling_on_the_main_thread_never_sees_weights_mid_update(tmp_path, mon
             checks.append(before == fingerprint())
         return roll
 
-    monkeypatch.setattr(labkit.ppo, "sample", checked_sample)
-    monkeypatch.setattr(labkit.online, "sample", checked_sample)
+    monkeypatch.setattr(labkit.rl.trainer, "sample", checked_sample)
+    monkeypatch.setattr(labkit.labeling.online, "sample", checked_sample)
     thread = loop.start(200, labeler="nobody")
     n_main = 0
     while trainer.step_count < 3 and thread.is_alive():

@@ -1,14 +1,12 @@
 """PPO on the tiny model: signs, KL mechanics, metrics, LoRA, value variants, checkpoints and resume."""
 
 import math
-import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from labkit.models import load_lm
-from labkit.ppo import PPOConfig, PPOTrainer
+from labkit.rl import PPOConfig, PPOTrainer
 from labkit.reward import reward_model_from_lm
 from labkit.sampling import forward_responses, pad_left, sample, score_logprobs
 from labkit.tasks import SENTIMENT, format_query
@@ -85,7 +83,7 @@ def test_huge_beta_with_zero_reward_keeps_the_policy_at_rho(micro):
 
 
 def test_pis_scoring_pass_continues_from_the_samplers_query_prefix(monkeypatch):
-    import labkit.ppo
+    import labkit.rl.trainer
 
     model, tok = peaky_tiny()
     trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS, config(micro_batch_size=4))
@@ -97,7 +95,7 @@ def test_pis_scoring_pass_continues_from_the_samplers_query_prefix(monkeypatch):
             assert all(k.shape[0] == q_ids.shape[0] and k.shape[2] == q_ids.shape[1] - 1 for k, _ in prefix)
         return forward_responses(m, q_ids, *args, prefix=prefix, **kw)
 
-    monkeypatch.setattr(labkit.ppo, "forward_responses", spy)
+    monkeypatch.setattr(labkit.rl.trainer, "forward_responses", spy)
     trainer.step()
     no_grad = [c for c in calls if not c[1]]
     assert len(no_grad) == 8 and all(c[2] for c in no_grad)  # rho's 4 chunks and pi's 4, all over a prefix
@@ -226,7 +224,7 @@ def test_an_interrupt_during_rollouts_leaves_the_trainer_consistent(monkeypatch)
     trainer = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS, config())
     trainer.step()
     params = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
-    import labkit.ppo as ppo
+    import labkit.rl.trainer as ppo
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -297,8 +295,8 @@ def test_a_separate_value_model_takes_its_old_values_from_its_first_epoch(micro)
         model, tok = peaky_tiny()
         torch.manual_seed(0)  # the reward model's head
         rm = reward_model_from_lm(model, tok)
-        tr = PPOTrainer(model, tok, task(), rm, PROMPTS, config(value_model="separate", micro_batch_size=micro, ppo_epochs=2))
-        tr._values_from_first_epoch = from_first_epoch
+        tr = PPOTrainer(model, tok, task(), rm, PROMPTS, config(value_model="separate", micro_batch_size=micro, ppo_epochs=2,
+                                                                 separate_value_first_epoch=from_first_epoch))
         grad_modes, forward = [], tr.value_model.forward
 
         def spy(*a, **k):

@@ -36,7 +36,7 @@ def _fingerprint(named_before: dict, named_after: dict) -> dict:
 
 def _ppo_update(value_model: str) -> dict:
     from labkit.models import load_lm
-    from labkit.ppo import PPOConfig, PPOTrainer
+    from labkit.rl import PPOConfig, PPOTrainer
     from labkit.tasks import get_task
 
     model, tok = load_lm("tiny", device="cpu", dtype=torch.float64, seed=0)

@@ -135,10 +135,10 @@ def test_kway_shares_each_query_and_equals_scoring_each_pair_alone(tiny):
 
 def test_scores_and_gradients_equal_a_model_whose_last_mlp_runs_everywhere(tiny):
     """The reward model reads one position per row: its last block's MLP runs at those positions only
-    (`sampling.prune_last_mlp`), which changes neither the scores nor the gradients."""
+    (`labkit/speed/last_mlp.py`), which changes neither the scores nor the gradients."""
     import copy
 
-    from labkit.checkpointing import transformer_blocks
+    from labkit.speed.blocks import transformer_blocks
 
     model, tok = tiny
     rm = reward_model_from_lm(model, tok, seed=0).double()

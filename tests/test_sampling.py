@@ -163,7 +163,7 @@ def _unpruned_copy(model):
     """A copy of `model` without `prune_last_mlp`'s hooks: the last block's MLP runs at every position."""
     import copy
 
-    from labkit.checkpointing import transformer_blocks
+    from labkit.speed.blocks import transformer_blocks
 
     plain = copy.deepcopy(model)
     mlp = transformer_blocks(plain)[-1].mlp
@@ -175,7 +175,8 @@ def _unpruned_copy(model):
 def test_last_mlp_runs_at_read_positions_only_and_changes_nothing(tiny):
     import copy
 
-    from labkit.checkpointing import checkpoint_blocks, transformer_blocks
+    from labkit.speed.blocks import transformer_blocks
+    from labkit.speed.checkpointing import checkpoint_blocks
 
     model, tok = copy.deepcopy(tiny[0]).double(), tiny[1]
     plain = _unpruned_copy(model)
@@ -213,7 +214,7 @@ def test_last_mlp_runs_at_read_positions_only_and_changes_nothing(tiny):
 def test_pruned_prefill_samples_what_the_full_prefill_samples(tiny):
     import copy
 
-    from labkit.checkpointing import transformer_blocks
+    from labkit.speed.blocks import transformer_blocks
 
     model, tok = copy.deepcopy(tiny[0]).double(), tiny[1]
     plain = _unpruned_copy(model)

@@ -25,7 +25,7 @@ import anywidget
 import ipywidgets as widgets
 import traitlets
 
-from labkit.labels import Comparison, LabelStore
+from labkit.labeling.store import Comparison, LabelStore
 from labkit.tasks import Task, get_task
 
 LETTERS = string.ascii_uppercase
@@ -239,7 +239,7 @@ class ComparisonLabeler:
         elif self.refill is not None:
             what_next = "press Refill to sample more"
         else:
-            what_next = "add comparisons to the store (labkit.comparisons.make_comparisons), then press Check again"
+            what_next = "add comparisons to the store (labkit.labeling.comparisons.make_comparisons), then press Check again"
         self._empty.value = (
             f"<div style='padding:8px;background:#fff8e1;border:1px solid #ffb300;border-radius:4px'>"
             f"<b>Queue empty: refill.</b> {html.escape(self.labeler)} has labeled or skipped every comparison "

@@ -1,11 +1,11 @@
 """The command line for cluster jobs: `labkit train-reward JOB` and `labkit ppo JOB`.
 
-A job file is what a notebook saves with one call (labkit.jobs): `RewardJob(...).save("rm.yaml")`,
+A job file is what a notebook saves with one call (labkit.scale.jobs): `RewardJob(...).save("rm.yaml")`,
 `PPOJob(...).save("ppo.yaml")`. The same command runs on one process or many:
 
     labkit ppo ppo.yaml                                                # one process (its GPU if any)
-    accelerate launch --config_file examples/accelerate/ddp.yaml -m labkit.cli ppo ppo.yaml   # 8 GPUs
-    accelerate launch --multi_gpu --num_processes 2 -m labkit.cli ppo ppo.yaml     # no GPU: 2 CPU processes
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m labkit.scale.cli ppo ppo.yaml   # 8 GPUs
+    accelerate launch --multi_gpu --num_processes 2 -m labkit.scale.cli ppo ppo.yaml     # no GPU: 2 CPU processes
 
 Several processes run data-parallel (labkit.distributed): each samples its share, gradients are averaged,
 batch statistics are global, and only the main process reads the label database and writes files. Under
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from labkit import distributed
-from labkit.jobs import PPOJob, RewardJob
+from labkit.scale.jobs import PPOJob, RewardJob
 
 
 class MetricsFile:
@@ -65,7 +65,7 @@ def _say_layout(name: str, module) -> None:
 
 
 def _read_examples(job: RewardJob, task_name: str):
-    from labkit.labels import LabelStore
+    from labkit.labeling.store import LabelStore
     from labkit.reward import examples_from_store
 
     path = Path(job.labels)
@@ -127,7 +127,7 @@ def _load_reward(job: PPOJob, tokenizer, device):
     from labkit.reward import RewardModel
 
     if job.reward == "vader":
-        from labkit.labelers import VaderLabeler
+        from labkit.labeling.labelers import VaderLabeler
 
         vader = VaderLabeler()
         return lambda queries, responses: vader.score(responses)
@@ -142,7 +142,7 @@ def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
     """Train (or resume) PPO in job.run_dir until job.n_updates updates are done."""
     from labkit.data import load_prompts
     from labkit.models import load_lm
-    from labkit.ppo import PPOTrainer
+    from labkit.rl.trainer import PPOTrainer
 
     cfg = job.ppo
     task = job.task_spec()
@@ -176,7 +176,7 @@ def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="labkit", description="Train headless from a job file saved in a notebook (labkit.jobs). "
+        prog="labkit", description="Train headless from a job file saved in a notebook (labkit.scale.jobs). "
         "Run under `accelerate launch` for several processes; see docs/scale_out.md.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train-reward", "fit a reward model on a label store (RewardJob file)"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from labkit.data import Prompt
-from labkit.labels import LabelStore
+from labkit.labeling.store import LabelStore
 from labkit.sampling import sample
 from labkit.tasks import Task, format_query, get_task
 

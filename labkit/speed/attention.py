@@ -100,12 +100,13 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(NAME, grouped_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as SDPA's
-
-
-def use_grouped_attention(model) -> None:
+def use_grouped_attention(model) -> bool:
     """Run `model`'s attention through `grouped_attention` where the model supports choosing it (every model
-    written against transformers' attention interface: Llama/SmolLM2, GPT-2, ...); others keep theirs."""
-    if getattr(model, "_can_set_attn_implementation", lambda: False)():
-        model.set_attn_implementation(NAME)
+    written against transformers' attention interface: Llama/SmolLM2, GPT-2, ...); others keep theirs.
+    Registers the function under NAME with transformers (again: the same entry) and SDPA's masks for it."""
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        return False
+    AttentionInterface.register(NAME, grouped_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
+    return True

@@ -21,14 +21,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
-def transformer_blocks(model, extra_names=()) -> list[torch.nn.Module]:
-    """The model's transformer blocks: modules whose class is named in its `_no_split_modules` or `extra_names`."""
-    from labkit.sampling import unwrap
-
-    base = unwrap(model)
-    names = set(getattr(base, "_no_split_modules", None) or []) | set(extra_names)
-    return [m for m in base.modules() if type(m).__name__ in names]
+from labkit.speed.blocks import transformer_blocks, unwrap
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,8 +41,6 @@ def checkpoint_blocks(model) -> int:
     """Checkpoint every transformer block of `model` (in place); returns how many. Safe to call twice."""
     blocks = transformer_blocks(model)
     if not blocks:
-        from labkit.sampling import unwrap
-
         raise ValueError(f"Found no transformer blocks to checkpoint in {type(unwrap(model)).__name__}: its "
                          "`_no_split_modules` names none. Turn gradient checkpointing off for this model.")
     for block in blocks:

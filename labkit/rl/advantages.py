@@ -7,10 +7,13 @@ indexed by response token: position t holds the quantity for response token y_t.
 lengths, never from comparing tokens with the pad id (pad == EOS corrupts them). `mask=None` means every
 token is valid, which is what the released code does: it trains on, and charges KL for, all T tokens.
 
-All functions are pure: no in-place changes to their inputs, no state.
+All functions are pure: no in-place changes to their inputs, no state (`global_whiten` takes its statistics
+over the processes of a multi-process run).
 """
 
 import torch
+
+from labkit import distributed
 
 
 def _float_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,17 @@ def whiten(
     if not shift_mean:
         whitened = whitened + mean
     return whitened
+
+
+def global_whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """`whiten(x)` (no mask) with the mean and variance taken over all processes' rows, as if one process
+    held the whole batch. A single process calls `whiten` itself, so notebook runs are bit-for-bit unchanged."""
+    if not distributed.is_distributed():
+        return whiten(x, shift_mean=shift_mean, eps=eps)
+    mean, var = distributed.global_mean_var(x)
+    mean, var = mean.to(x.dtype), var.to(x.dtype)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
 
 
 def compute_gae(

@@ -6,7 +6,7 @@ notebook set up by hand: which model, task, prompts, labels and output folder.
     job = PPOJob(run_dir="runs/ppo", n_updates=200, model="gpt2-large", task="sentiment",
                  reward="runs/rm", ppo=PPOConfig(batch_size=64, lr=1e-5, total_updates=200))
     job.save("ppo.yaml")          # YAML for .yaml / .yml, JSON for anything else
-    # on the cluster:  accelerate launch --config_file ddp.yaml -m labkit.cli ppo ppo.yaml
+    # on the cluster:  accelerate launch --config_file ddp.yaml -m labkit.scale.cli ppo ppo.yaml
 
 `load` refuses unknown keys (naming the known ones) and a file written for the other command.
 """
@@ -17,7 +17,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from labkit.ppo import PPOConfig
+from labkit.rl.trainer import PPOConfig
 from labkit.reward import RewardConfig
 from labkit.tasks import Task, TruncationRule, get_task
 

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labkit.comparisons import comparison_item, rollout_rows
+from labkit.labeling.comparisons import comparison_item, rollout_rows
 from labkit.data import Prompt
 from labkit.evaluate import win_rate_from_store
-from labkit.labels import LabelStore
-from labkit.ppo import PPOTrainer
+from labkit.labeling.store import LabelStore
+from labkit.rl.trainer import PPOTrainer
 from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
 from labkit.sampling import Rollout, sample
 from labkit.tasks import format_query

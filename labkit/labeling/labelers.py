@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from labkit.labels import Comparison, LabelStore
+from labkit.labeling.store import Comparison, LabelStore
 
 
 class Labeler(Protocol):

@@ -1,0 +1,177 @@
+"""Training the reward model on k-way comparisons: softmax cross-entropy over the k rewards, one epoch,
+learning rate decayed linearly to 0 (the released code's train_reward.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from labkit import distributed
+from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
+from labkit.reward.model import RewardModel
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training settings (defaults: the released code's 124M style-task values)."""
+
+    lr: float = 5e-5
+    """Peak learning rate, decayed linearly to 0 over the run (paper 774M: 1.77e-5)."""
+    batch_size: int = 32
+    """Comparisons per optimiser step (each has k responses); under N processes each takes a 1/N share."""
+    epochs: int = 1
+    """Passes over the labels (the paper: 1)."""
+    heldout_fraction: float = 0.1
+    """Share of comparisons kept out of training to measure held-out loss and accuracy."""
+    eval_every: int = 10
+    """Optimiser steps between held-out evaluations (also evaluated at the end)."""
+    normalize_samples: int = 64
+    """How many rho samples set gain/bias before and after training."""
+    optimizer: str = "tf_adam"
+    """"tf_adam" (TensorFlow's eps semantics, as the original) or "adam" (PyTorch's)."""
+    seed: int = 0
+    """Seeds the held-out split, the shuffling and the normalisation samples."""
+
+
+@dataclass(frozen=True)
+class KWayExample:
+    """One labeled comparison: a query, k responses and the index of the best one."""
+
+    query: str
+    responses: list[str]
+    best: int
+
+
+def examples_from_store(store, task: str | None = None, kind: str | None = None) -> list[KWayExample]:
+    """The reward model's training set from a label store: one example per (comparison, labeler)."""
+    return [KWayExample(c.query, list(c.responses), lab.best) for c, lab in store.training_set(task=task, kind=kind)]
+
+
+def kway_loss(rewards: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax cross-entropy over the k rewards (B, k) with the labeled best (B,); also accuracy (B,)."""
+    loss = F.cross_entropy(rewards, best)
+    correct = (rewards.argmax(-1) == best).float()
+    return loss, correct
+
+
+class RewardTrainer:
+    """Trains a RewardModel on k-way examples; `fit` can be called again to continue on new labels."""
+
+    def __init__(self, reward_model: RewardModel, config: RewardConfig | None = None):
+        self.rm = reward_model
+        self.config = config or RewardConfig()
+        self.history: list[dict] = []
+        self.step = 0
+
+    def _batch_rewards(self, batch: list[KWayExample]) -> torch.Tensor:
+        k = len(batch[0].responses)
+        if any(len(ex.responses) != k for ex in batch):
+            raise ValueError("All comparisons in a batch must have the same number of responses k.")
+        queries = [ex.query for ex in batch]
+        responses = [r for ex in batch for r in ex.responses]
+        return self.rm.kway(*self.rm._encode(queries, responses))  # (B, k): each query runs once for its k responses
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[KWayExample], batch_size: int | None = None) -> dict:
+        """Held-out loss and accuracy (how often the labeled best gets the highest reward).
+
+        Under N processes each scores a 1/N share of `examples`; the sums are added over processes.
+        """
+        if not examples:
+            return {}
+        bs = batch_size or self.config.batch_size
+        mine = distributed.shard(examples)
+        loss_sum, n_correct = 0.0, 0.0
+        for i in range(0, distributed.max_over_processes(len(mine)), bs):
+            batch = mine[i : i + bs]
+            if not batch:  # a stand-in pass, dropped: sharded models need every process in every pass
+                self._batch_rewards(examples[:1])
+                continue
+            r = self._batch_rewards(batch)
+            best = torch.tensor([ex.best for ex in batch], device=r.device)
+            loss, c = kway_loss(r, best)
+            loss_sum += loss.item() * len(batch)
+            n_correct += c.sum().item()
+        loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
+        return {"rm/heldout_loss": loss_sum / len(examples), "rm/heldout_accuracy": n_correct / len(examples)}
+
+    def split(self, examples: list[KWayExample]) -> tuple[list[KWayExample], list[KWayExample]]:
+        """A seeded train / held-out split (at least one held-out example when there are >= 5)."""
+        order = list(range(len(examples)))
+        random.Random(self.config.seed).shuffle(order)
+        n_held = int(len(examples) * self.config.heldout_fraction)
+        if n_held == 0 and len(examples) >= 5 and self.config.heldout_fraction > 0:
+            n_held = 1
+        held = [examples[i] for i in order[:n_held]]
+        train = [examples[i] for i in order[n_held:]]
+        return train, held
+
+    def fit(self, examples: list[KWayExample], dashboard=None, progress: bool = True) -> list[dict]:
+        """Train on `examples` for `config.epochs` epochs; returns this run's metrics (also in .history)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if not examples:
+            raise ValueError("No labeled comparisons to train on: label some first (widget or a mock labeler).")
+        train, held = self.split(examples)
+        k = len(examples[0].responses)
+        rng = random.Random(cfg.seed + self.step)
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        params = [p for p in self.rm.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg.lr, cfg.optimizer)
+        sched = linear_decay_scheduler(opt, total)
+        run = []
+        bar = tqdm(total=total, desc="reward model", disable=not progress)
+        try:
+            for epoch in range(cfg.epochs):
+                order = list(range(len(train)))
+                rng.shuffle(order)
+                for s in range(steps_per_epoch):
+                    t0 = time.time()
+                    batch = [train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
+                    # each process takes a share of the batch; its loss is weighted so that the gradient
+                    # averaged over processes is the gradient of the mean loss over the whole batch
+                    mine = distributed.shard(batch)
+                    weight = len(mine) * distributed.world_size() / len(batch)
+                    if not mine:  # a stand-in comparison with weight 0: sharded models need every process in every pass
+                        mine = batch[:1]
+                    opt.zero_grad(set_to_none=True)
+                    r = self._batch_rewards(mine)
+                    best = torch.tensor([ex.best for ex in mine], device=r.device)
+                    loss, correct = kway_loss(r, best)
+                    (loss * weight).backward()
+                    loss_sum, n_correct = (loss.item() * len(mine), correct.sum().item()) if weight else (0.0, 0.0)
+                    distributed.average_gradients(params)
+                    loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
+                    lr = opt.param_groups[0]["lr"]
+                    if not distributed.on_every_process(gradients_are_finite(params)):
+                        raise FloatingPointError(
+                            f"Reward-model step {self.step + 1}: the loss ({loss_sum / len(batch):.4g}) or its gradients "
+                            "are not finite, so this step was not applied and the model is as after the previous step. "
+                            "Lower the learning rate (RewardConfig.lr), or check the labeled texts.")
+                    opt.step()
+                    sched.step()
+                    self.step += 1
+                    m = {"step": self.step, "rm/loss": loss_sum / len(batch), "rm/accuracy": n_correct / len(batch), "rm/lr": lr,
+                         "rm/chance_loss": math.log(k), "rm/chance_accuracy": 1 / k, "time/step": time.time() - t0}
+                    last = epoch == cfg.epochs - 1 and s == steps_per_epoch - 1
+                    if held and (self.step % cfg.eval_every == 0 or last):
+                        m.update(self.evaluate(held))
+                    run.append(m)
+                    self.history.append(m)
+                    if dashboard is not None:
+                        dashboard.log(m)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['rm/loss']:.3f}")
+        finally:
+            bar.close()
+            if dashboard is not None:
+                dashboard.flush()
+        return run
+

@@ -1,0 +1,596 @@
+"""PPO against a reward with a KL penalty to the original model, step by step from a notebook.
+
+`PPOTrainer.step()` is one update of the paper's recipe (the released code's train_policy.py, OpenAI
+baselines' PPO2):
+  1. sample queries and roll out the policy pi at the task temperature
+  2. score: the reward model (or any callable) on truncated responses; no truncation token -> penalty
+  3. log-probs of rho (the frozen original), pi's old log-probs and old values
+  4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten (mean kept)
+  5. GAE (gamma 1, lambda 0.95), returns, whitened advantages
+  6. PPO epochs over minibatches: clipped policy loss + 0.1 * clipped value loss (labkit/rl/losses.py)
+  7. adapt beta (KL controller), decay the learning rate, report TRL-named metrics
+
+Value function (labkit/rl/value.py): `value_model="shared"` (default) is the released code's zero-initialised
+scalar head on the policy's own trunk: one forward pass gives log-probs and values, and no second model is
+held. `value_model="separate"` is TRL/OpenRLHF's design: a separate trunk initialised from the reward model
+(from rho with a zero head when the reward is a plain callable). The shared head is the default because it
+is the paper's code and costs half the compute and memory on a CPU.
+
+Multi-process runs touch this file in three places only: `distributed.prepare` at construction, the
+gradient all-reduce before each optimiser step, and the statistics the paper takes over the whole batch
+(`global_whiten`, the KL fed to the controller, reported metrics). Checkpoints: labkit/rl/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from labkit import distributed
+from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
+from labkit.reward import RewardModel
+from labkit.rl import checkpoint
+from labkit.rl.advantages import compute_gae, global_whiten, kl_penalty_rewards, masked_mean
+from labkit.rl.interrupts import deferred_interrupt
+from labkit.rl.kl_controller import AdaptiveKLController, FixedKLController
+from labkit.rl.losses import policy_loss, value_loss
+from labkit.rl.value import SeparateValueModel, ValueHead
+from labkit.sampling import Rollout, batch_slices, forward_responses, prefix_rows, query_prefix, sample, unwrap
+from labkit.speed.checkpointing import checkpoint_blocks
+from labkit.tasks import Task, format_query, get_task
+
+RewardFn = Callable[[list[str], list[str]], "list[float] | torch.Tensor"]
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings. Defaults follow the released code where a CPU can afford it (see each field)."""
+
+    batch_size: int = 64
+    """Rollouts per update and process: N processes sample N * batch_size in all (the paper: 1024 style /
+    512 summaries in all; code at 124M: 512 / 32)."""
+    minibatch_size: int | None = None
+    """Rollouts per optimiser step; None = the whole batch (the code's 1 minibatch)."""
+    micro_batch_size: int | None = None
+    """Rollouts per forward/backward inside a minibatch (gradient accumulation), and per forward of the
+    no-grad scoring passes; None = minibatch. Smaller uses less memory, at some speed (benchmarks/README.md,
+    "Memory")."""
+    ppo_epochs: int = 4
+    """Passes over each batch, with a fresh permutation each pass."""
+    lr: float = 1e-5
+    """Peak learning rate, decayed linearly to 0 over `total_updates` (code: 1e-5 style, 2e-6 TL;DR)."""
+    total_updates: int = 100
+    """Planned number of updates: sets the learning-rate decay horizon."""
+    optimizer: str = "tf_adam"
+    """"tf_adam" (eps on the un-corrected sqrt(v), the original's; default) or "adam" (PyTorch's)."""
+    init_beta: float | None = None
+    """Initial KL coefficient; None = the task's (0.15 style, 0.03 TL;DR, 0.01 CNN/DM)."""
+    kl_target: float | None = -1.0
+    """Target KL (nats per sequence) of the adaptive controller; None = fixed beta; -1 = the task's."""
+    kl_horizon: int = 10_000
+    """Adaptive controller horizon in episodes (the code's 10,000)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO policy ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip around the old values."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient in loss = pg_loss + vf_coef * vf_loss."""
+    whiten_rewards: bool = True
+    """Scale per-token rewards by 1/std over the batch, keeping the mean (the code's default)."""
+    value_model: str = "shared"
+    """"shared" (head on the policy trunk, zero init) or "separate" (a copy of the reward model)."""
+    lora_r: int = 0
+    """LoRA rank; 0 = full fine-tuning. With LoRA, rho is the policy with adapters disabled."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (effective scale alpha / r)."""
+    generation_batch_size: int | None = None
+    """Rollouts sampled at once (memory bound); None = the whole batch."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (labkit/speed/checkpointing.py; the policy's blocks, and the separate value model's): activation memory of
+    about one block, for one more forward pass per training pass (~1/3 more training compute). For a big
+    model or a small machine. Changes the policy model passed in (its blocks' classes), not its results."""
+    separate_value_first_epoch: bool = True
+    """With `value_model="separate"` and one minibatch: take the old values from the value model's first
+    training epoch instead of a no-grad pass of their own (`PPOTrainer._first_value_epoch`). The update is the
+    same (tests/test_ppo.py); it saves one forward pass of the value model over the whole batch."""
+    seed: int = 0
+    """Seeds prompt choice, sampling and minibatch order (all saved in checkpoints); process r of N uses
+    seed + r * 100003."""
+    save_every: int = 1
+    """With a run_dir, checkpoint after every this many updates (0 = only when asked)."""
+    n_samples_shown: int = 4
+    """Samples per update passed to the dashboard's table."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PPOConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown PPOConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
+        return cls(**d)
+
+
+@dataclass
+class UpdateBatch:
+    """What the PPO epochs of one update train on; all (B, R) except the rollout."""
+
+    roll: Rollout
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def _as_prompt_texts(prompts) -> list[str]:
+    return [p if isinstance(p, str) else p.text for p in prompts]
+
+
+class PPOTrainer:
+    """Fine-tunes `policy` (pi) against `reward` with a KL penalty to a frozen copy of it (rho).
+
+    reward: a `RewardModel`, or any callable `(queries: list[str], responses: list[str]) -> scores`; or None
+    until one is set (the online loop fits its first reward model after the trainer exists).
+    prompts: source texts (str or labkit.data.Prompt); queries are formatted by the task.
+    run_dir: where checkpoints go; if it already holds one, the trainer resumes from it.
+    """
+
+    def __init__(self, policy, tokenizer, task: Task | str, reward: RewardModel | RewardFn, prompts,
+                 config: PPOConfig | None = None, run_dir: str | os.PathLike | None = None, verbose: bool = True):
+        self.config = cfg = config or PPOConfig()
+        self.task = get_task(task)
+        self.tokenizer = tokenizer
+        self.reward = reward
+        self.prompts = _as_prompt_texts(prompts)
+        if not self.prompts:
+            raise ValueError("PPOTrainer needs at least one prompt.")
+        if cfg.value_model not in ("shared", "separate"):
+            raise ValueError(f"value_model must be 'shared' or 'separate', not {cfg.value_model!r}.")
+        self.queries = [format_query(self.task, t, tokenizer) for t in self.prompts]  # token ids, formatted once
+        self.device = next(policy.parameters()).device
+
+        # rho: frozen original. With LoRA it is the same weights with adapters disabled (no second copy).
+        if cfg.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                              bias="none")
+            self.policy = get_peft_model(policy, lora)
+            self.rho = None
+        else:
+            self.policy = policy
+            self.rho = copy.deepcopy(policy).requires_grad_(False)
+        self.policy.eval()  # dropout stays off while training (the paper's setting)
+
+        d_model = unwrap(self.policy).config.hidden_size
+        p0 = next(self.policy.parameters())
+        self.value_head, self.value_model = None, None
+        if cfg.value_model == "shared":
+            self.value_head = ValueHead(d_model, device=self.device, dtype=p0.dtype)
+        elif isinstance(reward, RewardModel):
+            self.value_model = SeparateValueModel(copy.deepcopy(reward.lm), copy.deepcopy(reward.head),
+                                                  reward.gain.item(), reward.bias.item())
+        else:
+            self.value_model = SeparateValueModel(copy.deepcopy(unwrap(policy)), ValueHead(d_model, self.device, p0.dtype).linear)
+        if self.value_model is not None:
+            self.value_model.requires_grad_(True).eval()
+
+        if cfg.gradient_checkpointing:
+            checkpoint_blocks(self.policy)
+            if self.value_model is not None:
+                checkpoint_blocks(self.value_model.lm)
+
+        distributed.prepare(self._trainable(), (self.policy, self.rho, self.value_model and self.value_model.lm,
+                                                reward.lm if isinstance(reward, RewardModel) else None))
+        self.params = self._trainable()
+        self._grad_buffer: torch.Tensor | None = None  # the gradients' storage during an update (_zero_gradients)
+        self._steps_in_update = 0  # optimiser steps applied in the update under way
+        self.optimizer = make_optimizer(self.params, cfg.lr, cfg.optimizer)
+        self.scheduler = linear_decay_scheduler(self.optimizer, cfg.total_updates)
+        init_beta = cfg.init_beta if cfg.init_beta is not None else self.task.init_beta
+        target = self.task.kl_target if cfg.kl_target == -1.0 else cfg.kl_target
+        self.kl_ctl = AdaptiveKLController(init_beta, target, cfg.kl_horizon) if target is not None else FixedKLController(init_beta)
+        self.kl_target = target
+
+        # All randomness is owned here and checkpointed, so a resumed run repeats the same updates.
+        self.rng = np.random.default_rng(distributed.process_seed(cfg.seed))
+        self.generator = torch.Generator(device=self.device).manual_seed(distributed.process_seed(cfg.seed))
+        self.step_count = 0
+        self.history: list[dict] = []
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # held during an update; snapshots for sampling take it too
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and (self.run_dir / "checkpoint" / "trainer.json").exists():
+            self.load(self.run_dir / "checkpoint")
+            if verbose:
+                print(f"Resumed from {self.run_dir / 'checkpoint'} at update {self.step_count}.")
+
+    # ------------------------------------------------------------------------------------------
+    # one update
+
+    def step(self) -> dict:
+        """One PPO update on a fresh batch of rollouts; returns its metrics (also appended to .history)."""
+        cfg, B = self.config, self.config.batch_size
+        mb = cfg.minibatch_size or B
+        t = {"start": _clock(self.device)}
+
+        # 1. sample queries and roll out pi (no state changes before step 6: an interrupt here is harmless)
+        roll, reward = self._rollout()
+        t["generation"] = _clock(self.device)
+
+        # 2. score the truncated responses
+        scores = self._score(roll, reward)  # (B,)
+
+        # 3. rho's log-probs, and pi's old log-probs and values (`_old_logprobs_and_values`). A separate value
+        #    model with one minibatch gets its old values from its first training epoch instead (step 5).
+        values_from_training = (self.value_model is not None and mb >= B and cfg.ppo_epochs > 0
+                                and cfg.separate_value_first_epoch)
+        ref_logprobs = self._rho_logprobs(roll)  # (B, R)
+        old_logprobs, old_values = self._old_logprobs_and_values(roll, values=not values_from_training)
+        t["scoring"] = _clock(self.device)
+
+        # 4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten keeping the mean
+        beta = self.kl_ctl.beta
+        rewards, kl, non_score = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, beta)  # (B, R) each
+        if cfg.whiten_rewards:
+            rewards = global_whiten(rewards, shift_mean=False)
+
+        # 5. advantages (GAE) and returns; advantages whitened fully
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
+        if values_from_training:
+            self._zero_gradients()
+            old_values = self._first_value_epoch(roll, rewards, stats)  # (B, R); the value model's epoch 1 is done
+        advantages, returns = compute_gae(rewards, old_values, gamma=cfg.gamma, lam=cfg.lam)
+        batch = UpdateBatch(roll, old_logprobs, old_values, global_whiten(advantages), returns)
+
+        # 6. PPO epochs, one optimiser step per minibatch; applied whole or not at all (interrupts wait)
+        self._steps_in_update = 0
+        with deferred_interrupt(), self._lock:
+            for epoch in range(cfg.ppo_epochs):
+                perm = torch.from_numpy(self.rng.permutation(B)).to(self.device)
+                for start in range(0, B, mb):
+                    value_done = values_from_training and epoch == 0  # its gradients are in .grad already
+                    self._optimizer_step(batch, perm[start : start + mb], epoch, value_done, stats)
+            lr = self._end_update()
+
+            # 7. adapt beta on this batch's KL (summed over tokens, mean over all processes' rollouts)
+            kl_mean = distributed.all_reduce_mean(kl.sum(-1).mean()).item()
+            self.kl_ctl.update(kl_mean, B * distributed.world_size())
+            self.step_count += 1
+        t["end"] = _clock(self.device)
+
+        metrics = self._metrics(roll, scores, kl, non_score, ref_logprobs, old_logprobs, old_values, stats, beta,
+                                kl_mean, lr, t)
+        self._record(metrics, roll, scores, kl)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # the update's parts, in order
+
+    def _rollout(self) -> tuple[Rollout, RewardModel | RewardFn]:
+        """Step 1: B queries drawn with replacement and pi's responses, keeping the sampler's keys and values of
+        the queries for the scoring pass; and the reward, read under the lock (an online refit swaps it between
+        updates, never within one)."""
+        cfg = self.config
+        idx = self.rng.integers(0, len(self.queries), size=cfg.batch_size)
+        with self._lock:
+            roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
+                          generator=self.generator, batch_size=cfg.generation_batch_size, keep_query_prefix=True)
+            return roll, self.reward
+
+    def _score(self, roll: Rollout, reward) -> torch.Tensor:
+        """Step 2: scores (B,) of truncated responses; the task's penalty where no truncation token was found."""
+        if reward is None:
+            raise RuntimeError("This trainer has no reward yet: set trainer.reward to a RewardModel or a function, "
+                               "or call OnlineLoop.refit() to fit one on the labels so far.")
+        if isinstance(reward, RewardModel):
+            scores = reward.score_rollout(roll, batch_size=self._chunk_size(len(roll))).float().to(self.device)
+        else:
+            scores = torch.as_tensor(reward(roll.query_texts, roll.response_texts), dtype=torch.float32, device=self.device)
+            if scores.shape != (len(roll),):
+                raise ValueError(f"The reward function returned shape {tuple(scores.shape)}; expected one score per response ({len(roll)},).")
+        return torch.where(roll.found, scores, torch.full_like(scores, self.task.penalty))
+
+    def _rho_logprobs(self, roll: Rollout) -> torch.Tensor:
+        """Step 3: (B, R) rho's tempered log-probs of the sampled responses.
+
+        Where the rollout kept pi's query prefix, rho's passes take the same two steps as pi's scoring pass
+        (its own prefill of the queries, exactly as the sampler ran pi's, then the R response positions over
+        it), so that at equal weights both sides of the KL are equal bit for bit. If rho's cache has no plain
+        prefix, the rollout's is dropped and both score whole sequences.
+        """
+        model = self.policy if self.rho is None else self.rho
+        off = self.policy.disable_adapter() if self.rho is None else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            prefix = None
+            if roll.query_prefix is not None:
+                prefix = query_prefix(model, roll.query_ids, roll.query_lengths, self.config.generation_batch_size)
+                if prefix is None:
+                    roll.query_prefix = None
+            return torch.cat([forward_responses(model, roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s],
+                                                self.task.temperature, prefix=prefix_rows(prefix, s)).logprobs
+                              for s in self._chunks(len(roll))])
+
+    @torch.no_grad()
+    def _old_logprobs_and_values(self, roll: Rollout, values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Step 3: pi's old log-probs (B, R) and old values (B, R) (None unless `values`) from one scoring pass
+        over the R response positions that continues from the sampler's own keys and values of the queries
+        (pi's prefill is not run twice). Not the sampler's log-probs: token-by-token generation differs from
+        a pass over the responses by float noise (~3e-5), and with a large beta reward whitening would blow
+        that noise up into a training signal; both sides of the KL come from the same kind of pass."""
+        old = [self._policy_and_values(roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s],
+                                       prefix=prefix_rows(roll.query_prefix, s), separate_values=values)
+               for s in self._chunks(len(roll))]
+        roll.query_prefix = None  # (B, kv_heads, Q-1, d) per layer, ~190 MB on SmolLM2: not needed in training
+        return torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old]) if values else None
+
+    def _first_value_epoch(self, roll: Rollout, rewards: torch.Tensor, stats: dict) -> torch.Tensor:
+        """Step 5 with `separate_value_first_epoch`: epoch 1 of the separate value model's training (forward and
+        backward in micro-batches); returns its values (B, R), which are the old values.
+
+        Why: with one minibatch no optimiser step comes before epoch 1's backward, so the values of its
+        forward are the old values. GAE needs all of them before the policy's loss (the advantages are
+        whitened over the batch), but the value loss needs only its own rows' returns (GAE runs along each
+        row). So the value model's epoch 1 runs first and its no-grad scoring pass (a whole forward over
+        B x (Q + R) tokens) is not needed. Its gradients stay in .grad for the policy's epoch 1 to join.
+        """
+        cfg, B = self.config, len(roll)
+        old_values = []
+        for s in self._chunks(B):
+            vpred = self.value_model(roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s])  # (b, R)
+            values = vpred.detach()
+            _, returns = compute_gae(rewards[s], values, gamma=cfg.gamma, lam=cfg.lam)  # these rows' returns only
+            vf_loss, vf_clipfrac = value_loss(vpred, values, returns, cfg.cliprange_value)
+            (cfg.vf_coef * vf_loss * (s.stop - s.start) / B).backward()  # as one minibatch, as in step 6
+            stats["vf_loss"].append(vf_loss.item())
+            stats["vf_clipfrac"].append(vf_clipfrac)
+            old_values.append(values)
+        return torch.cat(old_values)
+
+    def _optimizer_step(self, batch: UpdateBatch, mb_idx: torch.Tensor, epoch: int, value_done: bool,
+                        stats: dict) -> None:
+        """Step 6, one minibatch (rows `mb_idx`): its loss's gradients accumulated over micro-batches, averaged
+        over processes, checked, applied. `value_done`: the value model's gradients for it are in .grad already
+        (`_first_value_epoch`), so only the policy's loss runs."""
+        if not value_done:
+            self._zero_gradients()
+        for i in batch_slices(len(mb_idx), self.config.micro_batch_size):
+            self._accumulate(batch, mb_idx[i], len(mb_idx), epoch == 0, value_done, stats)
+        distributed.average_gradients(self.params)  # DDP's all-reduce; no-op in one process
+        if not distributed.on_every_process(gradients_are_finite(self.params)):
+            raise FloatingPointError(
+                f"PPO update {self.step_count + 1}, epoch {epoch + 1}: non-finite gradients (a reward or log-prob "
+                "that is NaN or inf, or a learning rate too high); stopped before this optimiser step. "
+                + ("Earlier steps of this update were applied: resume from the last checkpoint."
+                   if self._steps_in_update else "The weights are as after the previous update."))
+        self.optimizer.step()
+        self._steps_in_update += 1
+
+    def _accumulate(self, batch: UpdateBatch, i: torch.Tensor, mb_size: int, first_epoch: bool, value_done: bool,
+                    stats: dict) -> None:
+        """Forward and backward of rows `i` of a minibatch of `mb_size` rows, weighted so that the micro-batches'
+        gradients add up to the minibatch's. Entropy is reported for the first epoch only (the policy before
+        this update's steps); later epochs skip its softmax over (micro, R, V)."""
+        cfg, roll = self.config, batch.roll
+        logprobs, vpred, entropy = self._policy_and_values(roll.query_ids[i], roll.query_lengths[i], roll.response_ids[i],
+                                                           want_entropy=first_epoch, separate_values=not value_done)
+        vf_loss = 0.0
+        if vpred is not None:
+            vf_loss, vf_clipfrac = value_loss(vpred, batch.old_values[i], batch.returns[i], cfg.cliprange_value)
+            stats["vf_loss"].append(vf_loss.item())
+            stats["vf_clipfrac"].append(vf_clipfrac)
+        pg_loss, pg_stats = policy_loss(logprobs, batch.old_logprobs[i], batch.advantages[i], cfg.cliprange)
+        ((pg_loss + cfg.vf_coef * vf_loss) * len(i) / mb_size).backward()  # accumulate as if one minibatch
+        stats["pg_loss"].append(pg_loss.item())
+        for k, v in pg_stats.items():
+            stats[k].append(v)
+        if entropy is not None:
+            stats["entropy"].append(entropy.sum(-1).mean().item())
+
+    def _end_update(self) -> float:
+        """After the last optimiser step: decay the learning rate and free the gradients (not needed until the
+        next update's backward: freeing them now keeps its rollout and scoring passes one model size smaller).
+        Returns the learning rate this update used."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._grad_buffer = None
+        return lr
+
+    def _metrics(self, roll, scores, kl, non_score, ref_logprobs, old_logprobs, old_values, stats, beta, kl_mean, lr,
+                 t) -> dict:
+        """Step 7's report, with TRL's metric names; per-process values averaged over the processes."""
+        B = len(roll)
+        ratio_k3 = torch.exp(ref_logprobs - old_logprobs)  # k3 = (r - 1) - log r >= 0 per token, unbiased
+        metrics = {
+            "step": self.step_count,
+            "episodes": self.step_count * B * distributed.world_size(),
+            "objective/kl": kl_mean,
+            "objective/kl3": ((ratio_k3 - 1) - torch.log(ratio_k3)).sum(-1).mean().item(),
+            "objective/kl_coef": beta,
+            "objective/kl_target": self.kl_target,
+            "objective/scores": scores.mean().item(),
+            "objective/scores_std": distributed.global_mean_std(scores)[1].item(),
+            "objective/non_score_reward": non_score.sum(-1).mean().item(),
+            "objective/rlhf_reward": (scores + non_score.sum(-1)).mean().item(),
+            "objective/entropy": float(np.mean(stats["entropy"])),
+            "objective/truncated_frac": roll.found.float().mean().item(),
+            "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
+            "policy/clipfrac_avg": float(np.mean(stats["pg_clipfrac"])),
+            "loss/policy_avg": float(np.mean(stats["pg_loss"])),
+            "loss/value_avg": float(np.mean(stats["vf_loss"])),
+            "val/clipfrac_avg": float(np.mean(stats["vf_clipfrac"])),
+            "val/ratio": float(np.mean(stats["ratio"])),
+            "val/mean": masked_mean(old_values, None).item(),
+            "lr": lr,
+            "eps": B * distributed.world_size() / (t["end"] - t["start"]),
+            "time/generation": t["generation"] - t["start"],
+            "time/scoring": t["scoring"] - t["generation"],
+            "time/optimization": t["end"] - t["scoring"],
+            "time/step": t["end"] - t["start"],
+        }
+        metrics.update(distributed.mean_over_processes({k: v for k, v in metrics.items() if k not in _GLOBAL_METRICS}))
+        return metrics
+
+    def _record(self, metrics: dict, roll: Rollout, scores: torch.Tensor, kl: torch.Tensor) -> None:
+        """Keep the metrics and a few samples for the dashboard; with a run_dir append the metrics and checkpoint."""
+        self.history.append(metrics)
+        kl_sum = kl.sum(-1)  # (B,)
+        self.samples = [
+            {"query": roll.query_texts[b], "response": roll.response_texts[b], "score": round(scores[b].item(), 3),
+             "kl": round(kl_sum[b].item(), 3)}
+            for b in range(min(self.config.n_samples_shown, len(roll)))
+        ]
+        if self.run_dir is not None:
+            if distributed.is_main():
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if self.config.save_every and self.step_count % self.config.save_every == 0:
+                self.save(self.run_dir / "checkpoint")
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    def _trainable(self) -> list[nn.Parameter]:
+        """What the optimiser updates: pi's trainable weights (all, or the LoRA adapters), then the value function's."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return params + list((self.value_head or self.value_model).parameters())
+
+    def _policy_and_values(self, q_ids, q_len, r_ids, want_entropy=False, prefix=None, separate_values=True):
+        """New log-probs (B, R), values (B, R), and entropy for a batch (with gradients, unless `prefix`:
+        pi's query prefix for these rows, for the no-grad scoring pass; see `forward_responses`).
+        separate_values=False skips the separate value model (values None)."""
+        if self.value_head is not None:
+            out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy,
+                                    want_hidden=True, prefix=prefix)
+            return out.logprobs, self.value_head(out.hidden), out.entropy
+        out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, prefix=prefix)
+        return out.logprobs, self.value_model(q_ids, q_len, r_ids) if separate_values else None, out.entropy
+
+    def _zero_gradients(self) -> None:
+        """Zero gradients before an optimiser step, as views into one flat buffer (plain tensors of one dtype).
+
+        Why: left to itself, autograd keeps the first micro-batch's gradient tensors as `.grad`: a few hundred
+        tensors allocated among that micro-batch's activations, which then stay for the whole update while
+        every later micro-batch's activations have to fit around them in the C heap. One buffer the size of the
+        trainable weights is its own mapping, outside the heap, and is freed with the gradients after the
+        update; backward adds into it in place (benchmarks/README.md, "Memory"). Sharded (FSDP) or mixed-dtype
+        parameters keep autograd's own gradients.
+        """
+        params = self.params
+        if self._grad_buffer is not None:
+            self._grad_buffer.zero_()
+            return
+        if len({(p.dtype, p.device) for p in params}) != 1 or any(type(p.data) is not torch.Tensor for p in params):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self._grad_buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = self._grad_buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def _chunk_size(self, n: int) -> int:
+        """Rollouts per no-grad scoring forward: micro_batch_size, so that one holds one chunk's (b, R, V) logits."""
+        return self.config.micro_batch_size or self.config.minibatch_size or n
+
+    def _chunks(self, n: int) -> list[slice]:
+        return batch_slices(n, self._chunk_size(n))
+
+    # ------------------------------------------------------------------------------------------
+    # training loops
+
+    def train(self, n_updates: int, dashboard=None, progress: bool = True) -> list[dict]:
+        """Run `n_updates` updates (stops early after the current update if `stop()` is called)."""
+        from tqdm.auto import tqdm
+
+        self._stop.clear()
+        out = []
+        bar = tqdm(total=n_updates, desc="PPO", disable=not progress)
+        try:
+            for _ in range(n_updates):
+                m = self.step()
+                out.append(m)
+                if dashboard is not None:
+                    dashboard.log(m, self.samples)
+                bar.update(1)
+                bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.2f}")
+                if self._stop.is_set():
+                    break
+        finally:
+            bar.close()
+            if dashboard is not None:
+                dashboard.flush()
+        return out
+
+    def train_in_background(self, n_updates: int, dashboard=None) -> threading.Thread:
+        """Start `train(n)` in a thread and return at once, so widgets stay responsive while it runs."""
+        thread = threading.Thread(target=self.train, args=(n_updates, dashboard, False), daemon=True, name="labkit-ppo")
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Ask a running `train` to end cleanly after the current update."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------------------------------
+    # sampling from the current policy (for labeling while training)
+
+    @torch.no_grad()
+    def sample_policy(self, prompts: list[str], n: int = 1, seed: int | None = None) -> Rollout:
+        """Sample n responses per prompt from the current weights, consistent with training updates."""
+        queries = [format_query(self.task, p, self.tokenizer) for p in prompts for _ in range(n)]
+        gen = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.randrange(2**31))
+        with self._lock:
+            return sample(self.policy, self.tokenizer, queries, self.task, generator=gen)
+
+    @torch.no_grad()
+    def sample_rho(self, prompts: list[str], n: int = 1, seed: int | None = None) -> Rollout:
+        queries = [format_query(self.task, p, self.tokenizer) for p in prompts for _ in range(n)]
+        gen = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.randrange(2**31))
+        if self.rho is None:
+            with self._lock, self.policy.disable_adapter():
+                return sample(self.policy, self.tokenizer, queries, self.task, generator=gen)
+        return sample(self.rho, self.tokenizer, queries, self.task, generator=gen)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints (labkit/rl/checkpoint.py)
+
+    def save(self, folder) -> Path:
+        """Write the full state atomically (see `checkpoint.save`); every process calls it in a multi-process run."""
+        return checkpoint.save(self, folder)
+
+    def load(self, folder) -> None:
+        """Restore a checkpoint written by `save` into this trainer (built with the same models)."""
+        checkpoint.load(self, folder)
+
+
+def _clock(device: torch.device) -> float:
+    """Wall-clock seconds once the device's queued work is done: on a GPU the host runs ahead of the kernels,
+    and a phase's time would otherwise be charged to the next phase that waits for a result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+# Metrics already equal on every process (global or shared state); all others are averaged over processes.
+_GLOBAL_METRICS = {"step", "episodes", "objective/kl", "objective/kl_coef", "objective/kl_target",
+                   "objective/scores_std", "lr"}

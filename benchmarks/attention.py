@@ -14,12 +14,12 @@ crossover it shows is `labkit.speed.attention.MAX_KEYS`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from types import SimpleNamespace
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 
 def main():
@@ -77,8 +77,8 @@ def main():
                 print(f"keys {T:4d}  {mask_name:12s}  {'forward+backward' if grad else 'forward, no grad':16s}  "
                       f"SDPA {med['sdpa']:7.2f} ms  grouped {med['grouped']:7.2f} ms  ({med['sdpa'] / med['grouped']:.2f}x)"
                       f"{'' if row['grouped_used'] else '  [labkit uses SDPA here]'}", flush=True)
-    print(json.dumps({"benchmark": "attention", "rows": B, "heads": H, "kv_heads": KV, "head_dim": D,
-                      "threads": args.threads, "max_keys": MAX_KEYS, "per_layer": rows}))
+    emit({"benchmark": "attention", "rows": B, "heads": H, "kv_heads": KV, "head_dim": D,
+          "threads": args.threads, "max_keys": MAX_KEYS, "per_layer": rows})
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 
 def main():
@@ -65,12 +65,12 @@ def main():
     if fused._state["failed"] is not None:
         raise SystemExit(f"the compiled arm fell back to eager: {fused._state['failed']!r}")
     med = {k: {arm: statistics.median(v) for arm, v in d.items()} for k, d in (("train", train), ("score", score))}
-    print(json.dumps({"benchmark": "fused_kernels", "micro_batch": B, "micro_batches_per_unit": args.micro,
-                      "threads": args.threads, "pairs": args.pairs,
-                      "train_eager_s": round(med["train"]["eager"], 3), "train_compiled_s": round(med["train"]["compiled"], 3),
-                      "train_speedup": round(med["train"]["eager"] / med["train"]["compiled"], 3),
-                      "score_eager_s": round(med["score"]["eager"], 3), "score_compiled_s": round(med["score"]["compiled"], 3),
-                      "score_speedup": round(med["score"]["eager"] / med["score"]["compiled"], 3)}))
+    emit({"benchmark": "fused_kernels", "micro_batch": B, "micro_batches_per_unit": args.micro,
+          "threads": args.threads, "pairs": args.pairs,
+          "train_eager_s": round(med["train"]["eager"], 3), "train_compiled_s": round(med["train"]["compiled"], 3),
+          "train_speedup": round(med["train"]["eager"] / med["train"]["compiled"], 3),
+          "score_eager_s": round(med["score"]["eager"], 3), "score_compiled_s": round(med["score"]["compiled"], 3),
+          "score_speedup": round(med["score"]["eager"] / med["score"]["compiled"], 3)})
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import statistics
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from record import emit  # this script's folder is on sys.path
 
 def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
@@ -328,7 +328,7 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001 - whatever happened, the JSON line still comes out
         result["error"] = _err(e)
         traceback.print_exc()
-    print(json.dumps(result), flush=True)
+    emit(result)
     return result
 
 

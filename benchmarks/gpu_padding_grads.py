@@ -23,11 +23,11 @@ Prints one JSON line. On a CPU it runs the same comparisons (fp32 against float6
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 CONFIGS = {
     "llama": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -141,7 +141,7 @@ def main(argv=None):
                         losses_and_grads(str(folder), str(device), torch.float32)["reward"], ref["reward"])
                 finally:
                     sampling._avoid_cudnn_attention_for_training = fix
-    print(json.dumps(result), flush=True)
+    emit(result)
     return result
 
 

@@ -10,7 +10,6 @@ HTML render. Preloading the comparison after it happens later in the same call a
     python benchmarks/labeler_latency.py       # last line: one JSON record
 """
 
-import json
 import statistics
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from labkit.labeling.store import LabelStore
 from labkit.tasks import SENTIMENT
 from labkit.widgets.labeler import ComparisonLabeler
+from record import emit  # this script's folder is on sys.path
 
 N_COMPARISONS = 220
 N_CLICKS = 200
@@ -60,8 +60,8 @@ def main():
     print(f"click -> next comparison rendered, {N_CLICKS} clicks: p50 {p50:.2f} ms, p95 {p95:.2f} ms, "
           f"max {max(latencies_ms):.2f} ms")
     print(f"whole choose() call (incl. preloading the comparison after): p50 {statistics.median(call_ms):.2f} ms")
-    print(json.dumps({"benchmark": "labeler_latency", "clicks": N_CLICKS, "p50_ms": round(p50, 3),
-                      "p95_ms": round(p95, 3)}))
+    emit({"benchmark": "labeler_latency", "clicks": N_CLICKS, "p50_ms": round(p50, 3),
+          "p95_ms": round(p95, 3)})
 
 
 if __name__ == "__main__":

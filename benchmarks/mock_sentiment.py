@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 FULL = dict(n_labels=1000, rm_batch=16, rm_lr=6e-4, rm_epochs=1, rm_train_layers=16, norm_samples=64, ppo_updates=30,
             ppo_batch=64, ppo_minibatch=32, ppo_epochs=2, ppo_lr=5e-5, eval_prompts=47, eval_samples=4,
@@ -489,7 +490,7 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result), flush=True)
+    emit(result)
     return result
 
 

@@ -8,11 +8,11 @@ one process on the same parameters and gradients; medians of `--steps`. Prints o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 
 def main():
@@ -44,9 +44,9 @@ def main():
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"TFAdam step over {sum(q.numel() for q in params) / 1e6:.1f}M parameters: fused {med['fused']:.3f} s, "
           f"per-tensor loop {med['loop']:.3f} s ({med['loop'] / med['fused']:.1f}x)")
-    print(json.dumps({"benchmark": "optimizer_step", "model": args.model, "threads": args.threads,
-                      "params": sum(q.numel() for q in params), "fused_s": round(med["fused"], 4),
-                      "loop_s": round(med["loop"], 4), "ratio": round(med["loop"] / med["fused"], 2)}))
+    emit({"benchmark": "optimizer_step", "model": args.model, "threads": args.threads,
+          "params": sum(q.numel() for q in params), "fused_s": round(med["fused"], 4),
+          "loop_s": round(med["loop"], 4), "ratio": round(med["loop"] / med["fused"], 2)})
 
 
 if __name__ == "__main__":

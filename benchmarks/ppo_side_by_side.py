@@ -21,10 +21,10 @@ TRL venv, once: see benchmarks/trl_reward_train.py. Then:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 from reward_train_side_by_side import ROOT, run  # this script's folder is on sys.path
+from record import emit  # this script's folder is on sys.path
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -125,7 +125,7 @@ def main():
                                     "labkit_separate": separate.get("fp32_matmul_peak_gflops") if separate else None,
                                     "trl": trl.get("fp32_matmul_peak_gflops")},
     }
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,13 @@ between 151 and 261 GFLOP/s from run to run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
 import time
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
@@ -215,7 +215,7 @@ def main(argv=None):
         "generation_tokens_per_s": round(args.batch * args.response / split["generation"], 1),
         "flop_formula": "N=%d trunk matmul params, M=%d last block's MLP, H=%d head params; see the module docstring" % (N, M, H),
     }
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ each update and a last JSON line with the medians and their ratio. The two arms 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
 import torch.nn.functional as F
+from record import emit  # this script's folder is on sys.path
 
 
 def plain_logprobs(logits, ids, temperature, want_entropy=False):
@@ -59,8 +59,8 @@ def main():
             times[arm].append(m)
     med = {a: {k: round(statistics.median(m[f"time/{k}"] for m in ms), 2) for k in ("step", "generation", "scoring", "optimization")}
            for a, ms in times.items()}
-    print(json.dumps({"benchmark": "ppo_step_ab", "pairs": args.pairs, "threads": args.threads, "median_s": med,
-                      "speedup": round(med["plain"]["step"] / med["current"]["step"], 3)}))
+    emit({"benchmark": "ppo_step_ab", "pairs": args.pairs, "threads": args.threads, "median_s": med,
+          "speedup": round(med["plain"]["step"] / med["current"]["step"], 3)})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import resource
 import time
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 
 def main():
@@ -62,7 +63,7 @@ def main():
               "comparisons": n - args.batch, "seconds": round(dt, 2),
               "comparisons_per_s": round((n - args.batch) / dt, 3),
               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

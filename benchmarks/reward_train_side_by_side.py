@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from record import emit  # this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +52,10 @@ def main():
                    *(["--model", args.model] if args.model else [])])
         trl = run([args.trl_python, "benchmarks/trl_reward_train.py", *common, "--examples", dump,
                    *(["--model", args.model] if args.model else [])])
-    print(json.dumps({"benchmark": "reward_train_side_by_side", "batch": args.batch, "steps": args.steps,
-                      "threads": args.threads, "labkit_comparisons_per_s": lab["comparisons_per_s"],
-                      "trl_comparisons_per_s": trl["comparisons_per_s"],
-                      "ratio": round(lab["comparisons_per_s"] / trl["comparisons_per_s"], 3)}))
+    emit({"benchmark": "reward_train_side_by_side", "batch": args.batch, "steps": args.steps,
+          "threads": args.threads, "labkit_comparisons_per_s": lab["comparisons_per_s"],
+          "trl_comparisons_per_s": trl["comparisons_per_s"],
+          "ratio": round(lab["comparisons_per_s"] / trl["comparisons_per_s"], 3)})
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from ppo_step import matmul_peak_gflops  # this script's folder is on sys.path; ppo_step imports labkit lazily
+from record import emit  # this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -270,7 +271,7 @@ def main():
         "matmul_peak_gflops": round(peak, 1), "matmul_peak_range_gflops": [round(min(peaks), 1), round(max(peaks), 1)],
         "fp32_matmul_peak_gflops": round(fp32_peak, 1),
     }
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from record import emit  # this script's folder is on sys.path
 
 
 def default_model_dir() -> Path:
@@ -134,7 +135,7 @@ def main():
               "seconds": round(dt, 2), "seconds_incl_data": round(timer.ends[-1] - timer.ends[0], 2),
               "comparisons_per_s": round(comparisons / dt, 3),
               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

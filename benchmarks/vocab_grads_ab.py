@@ -14,13 +14,13 @@ with the medians and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
 
 import torch
 import torch.nn as nn
+from record import emit  # this script's folder is on sys.path
 
 
 def main():
@@ -66,12 +66,12 @@ def main():
                 times[arm].append(s)
                 faults[arm].append(f)
     med = {arm: statistics.median(v) for arm, v in times.items()}
-    print(json.dumps({"benchmark": "vocab_grads_ab", "micro_batch": B, "micro_batches_per_unit": args.micro,
-                      "threads": args.threads, "pairs": args.pairs,
-                      "plain_s": round(med["plain"], 3), "inplace_s": round(med["inplace"], 3),
-                      "speedup": round(med["plain"] / med["inplace"], 3),
-                      "plain_faults": int(statistics.median(faults["plain"])),
-                      "inplace_faults": int(statistics.median(faults["inplace"]))}))
+    emit({"benchmark": "vocab_grads_ab", "micro_batch": B, "micro_batches_per_unit": args.micro,
+          "threads": args.threads, "pairs": args.pairs,
+          "plain_s": round(med["plain"], 3), "inplace_s": round(med["inplace"], 3),
+          "speedup": round(med["plain"] / med["inplace"], 3),
+          "plain_faults": int(statistics.median(faults["plain"])),
+          "inplace_faults": int(statistics.median(faults["inplace"]))})
 
 
 if __name__ == "__main__":

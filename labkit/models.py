@@ -189,9 +189,9 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
     name: "smollm2-135m" (embedded, offline), "tiny" (random 2-layer model with SmolLM2's tokenizer, for
     tests; `seed` fixes its weights), a Hugging Face id such as "gpt2" / "gpt2-large", or a local folder.
     bf16_autocast: run the matmuls in bf16 while the weights stay `dtype` (see `sampling.autocast_for`);
-    None = on for a CUDA device with bf16, off on a CPU. True on a CPU with AVX512-BF16 or AMX: on this
-    project's 2-core Xeon with AMX bf16 matmuls peak at about 1,450 GFLOP/s against fp32's 270-300, and a
-    PPO update ran 1.55x faster than in fp32 (benchmarks/README.md; the elementwise work does not speed up).
+    None = on for a CUDA device with bf16, off on a CPU. Worth setting True on a CPU with AVX512-BF16 or AMX,
+    whose bf16 matmuls are several times faster than fp32's (`ppo_side_by_side.py --also-bf16` measures it;
+    the elementwise work does not speed up).
     speedups: labkit's speed layer (labkit/speed/); None = on unless LABKIT_SPEEDUPS=0; False = plain
     transformers modules, with the same results.
     """

@@ -65,8 +65,8 @@ class TFAdam(torch.optim.Optimizer):
                 lr_t = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
                 p.addcdiv_(m, v.sqrt().add_(eps), value=-lr_t)
             for (t, _, _), params in fused.items():
-                # PyTorch's fused Adam kernel (one pass over each tensor: on SmolLM2 on a 2-core CPU 0.30 -> 0.07 s a
-                # step, `python benchmarks/optimizer_step.py`) computes lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t)
+                # PyTorch's fused Adam kernel (one pass over each tensor instead of several; measured by
+                # `python benchmarks/optimizer_step.py`) computes lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t)
                 # + eps'), the step above exactly when eps' = eps / sqrt(1 - b2^t).
                 states = [self.state[p] for p in params]
                 steps = [torch.tensor(float(t), device=p.device) for p in params]  # the kernel counts these up

@@ -265,9 +265,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 
     Inverse-CDF sampling: one uniform number per row against the running sum, in two levels: the running sum
     of the row's blocks of `block` entries picks a block, then the running sum inside that block picks the
-    entry. `torch.multinomial` draws one exponential number per vocabulary entry (B * 49,152 per token,
-    from a sequential CPU generator), 1.5 s of an 11 s rollout of 64 x 24 tokens on SmolLM2; a float64
-    running sum over the whole row, 0.8 s of it (a sequential scan after a copy). The sums are in float64,
+    entry. `torch.multinomial` draws one exponential number per vocabulary entry (B * 49,152 per token on
+    SmolLM2, from a sequential CPU generator), and a float64 running sum over the whole row is a sequential
+    scan after a copy: both cost a large share of a CPU rollout. The sums are in float64,
     so their rounding (~1e-16) is far below any probability a float32 softmax can express, and the target
     inside the block is clamped into [0, block total) so that an entry with zero probability (or the zero
     padding of the last block) is never drawn.
@@ -322,9 +322,7 @@ class _TemperedLogprobs(torch.autograd.Function):
     gather) allocates two in forward and three in backward (the gather's zeros, log_softmax's gradient, the
     division's gradient). Here the forward divides and takes the log-softmax in place in the logits tensor
     (the head's output, used for nothing else: `tempered_logprobs` consumes it), and the backward writes the
-    gradient with respect to the logits, (onehot(ids) - softmax) * g / T, into that same buffer. Measured on
-    SmolLM2 (A/B in one process): the backward's reuse took a training micro-batch of 16 x 88 tokens from
-    5.25 to 4.89 s; the forward's, a training micro-batch plus a scoring pass from 8.30 to 8.16 s.
+    gradient with respect to the logits, (onehot(ids) - softmax) * g / T, into that same buffer.
     The buffer is consumed: the graph can be backpropagated once. On a GPU (a caching allocator, no page
     faults), for a leaf that requires grad, and for low-precision autocast logits (whose softmax runs in
     fp32) the forward writes a new buffer instead.

@@ -100,6 +100,18 @@ def test_label_with_clicks_and_keys_in_jupyterlab(tmp_path):
             page.keyboard.press("u")
             assert wait_for_comparison(page, 2) == orders[2]
             page.locator(".labkit-status", has_text="undid your skip").wait_for(timeout=10_000)
+            # The labeler's stylesheet reached the page: the long prompt scrolls from its end, cut text is
+            # struck through, and the note box spans the widget instead of ipywidgets' default 300px.
+            styles = page.evaluate("""() => {
+                const q = (selector) => document.querySelector('.labkit-labeler ' + selector);
+                const prompt = q('.labkit-prompt-scroll');
+                return {prompt_scrolls: prompt.scrollHeight > prompt.clientHeight,
+                        prompt_direction: getComputedStyle(prompt).flexDirection,
+                        cut: getComputedStyle(q('.labkit-cut')).textDecorationLine,
+                        note_px: q('.labkit-note').getBoundingClientRect().width};
+            }""")
+            assert styles["prompt_scrolls"] and styles["prompt_direction"] == "column-reverse", styles
+            assert styles["cut"] == "line-through" and styles["note_px"] > 500, styles
             ARTIFACTS.mkdir(exist_ok=True)
             page.locator(".labkit-labeler").screenshot(path=str(ARTIFACTS / "labeler.png"))
             # 5. Keys "b" and "a" label comparisons 2 and 3; in command mode they would insert cells.

@@ -6,6 +6,7 @@ import sys
 import threading
 from pathlib import Path
 
+import ipywidgets as widgets
 import pytest
 
 from labkit.widgets import Dashboard
@@ -128,6 +129,18 @@ def test_from_jsonl_and_refresh(tmp_path):
         f.write(json.dumps(ppo_metrics(3)) + "\n" + json.dumps(ppo_metrics(4)) + "\n" + '{"step": 5, "obj')
     assert dash.refresh_from_jsonl(path) == 2
     assert len(trace(dash, "score").y) == 5 and "step 4" in dash._status.value
+
+    path.write_text(json.dumps(ppo_metrics(0)) + "\n")  # a new job started the file again
+    assert dash.refresh_from_jsonl(path) == 1 and [m["step"] for m in dash.history] == [0]
+
+
+def test_html_is_styled_by_the_one_stylesheet():
+    dash = Dashboard(max_fps=1e9)
+    dash.log(ppo_metrics(0), [{"query": "q", "response": "r", "score": 0.5}])
+    shown = [w.value for w in dash.widget.children if isinstance(w, widgets.HTML)]
+    (sheet,) = [v for v in shown if "<style" in v]  # one <style> element, injected once, not per redraw
+    assert ".labkit-samples td" in sheet and "<table class='labkit-samples'>" in dash._table.value
+    assert "step 0" in dash._status.value and not any("style=" in v for v in shown)
 
 
 def test_log_from_thread_while_main_thread_logs():

@@ -1,8 +1,10 @@
-"""ComparisonLabeler over a real LabelStore: clicks, keys, skip, undo, notes, labeler names, refill; and
+"""ComparisonLabeler over a real LabelStore: clicks, keys, skip, undo, notes, labeler names, refill, styling; and
 make_comparisons with the tiny model. The browser test (test_browser_labeler.py) checks rendering and keys."""
 
+import re
 import threading
 
+import ipywidgets as widgets
 import pytest
 import torch
 
@@ -51,8 +53,9 @@ def test_click_stores_best_as_the_stored_index_of_the_display_position(store):
     assert label.comparison_id == first.id and label.best == perm[0] and label.permutation == perm
     assert label.labeler == "alice" and label.shown_at is not None and label.shown_at <= label.submitted_at
     assert lab.current.id == ids[1]
+    perm = list(lab.permutation)
     lab.buttons[3].click()
-    assert store.labels()[-1].best == lab._orders[ids[1]][3]
+    assert store.labels()[-1].best == perm[3]
     assert "labeled 2" in lab._progress.value and "queued 1" in lab._progress.value
 
 
@@ -132,15 +135,15 @@ def test_labeler_name_change_applies_to_new_labels_and_queue(store):
 def test_key_presses_drive_choose_skip_undo(store):
     ids = add_fixed(store, 4)
     lab = ComparisonLabeler(store, SENTIMENT, seed=5)
-    perms = lab._orders
-    press(lab, "2")
-    press(lab, "b")
-    press(lab, "s")
+    perms = []
+    for key in ("2", "b", "s"):
+        perms.append(list(lab.permutation))
+        press(lab, key)
     labels = store.labels()
-    assert [(lb.comparison_id, lb.best) for lb in labels] == [(ids[0], perms[ids[0]][1]), (ids[1], perms[ids[1]][1])]
+    assert [(lb.comparison_id, lb.best) for lb in labels] == [(ids[0], perms[0][1]), (ids[1], perms[1][1])]
     assert lab.current.id == ids[3] and store.counts()[0]["skips"] == 1
     press(lab, "u")  # undoes the skip
-    assert lab.current.id == ids[2] and store.counts()[0]["skips"] == 0
+    assert lab.current.id == ids[2] and lab.permutation == perms[2] and store.counts()[0]["skips"] == 0
     press(lab, "u")
     press(lab, "u")  # same key twice in a row: the counter makes both count
     assert lab.current.id == ids[0] and store.labels() == []
@@ -253,3 +256,54 @@ def test_leading_line_breaks_are_marks_not_blank_lines():
     assert "↵↵ </span><span>Hello &lt;b&gt;</span>" in shown and "\n" not in shown.split("↵↵")[1].split("[cut]")[0]
     assert "and more" in shown  # the cut remainder still follows
     assert "↵" not in response_html("Hello\n\nthere", None, True)  # only leading breaks become marks
+
+
+def test_view_state_is_read_from_the_store(store):
+    ids = add_fixed(store, 3)
+    lab = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=4)
+    lab.choose(1)
+    lab.choose(2)
+    lab.undo()
+    assert lab.current.id == ids[1] and "labeled 1 " in lab._progress.value  # the undone label no longer counts
+    # A second view of the same store and name (another notebook, or this one after a kernel restart) shows
+    # the same comparison in the same order; a label made there counts here at the next render.
+    other = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=4)
+    assert other.current.id == ids[1] and other.permutation == lab.permutation
+    other.choose(0)
+    lab.refill_button.click()  # "Check again" re-reads the queue
+    assert lab.current.id == ids[2] and "labeled 2 · queued 1 " in lab._progress.value
+    lab.undo()  # the store knows alice's last action, although another view made it
+    assert lab.current.id == ids[1] and "labeled 1 · queued 2 " in lab._progress.value
+
+
+def html_widgets(widget):
+    """Every HTML widget in a widget tree."""
+    if isinstance(widget, widgets.HTML):
+        yield widget
+    for child in getattr(widget, "children", ()):
+        yield from html_widgets(child)
+
+
+def assert_styled_by_classes_only(root, stylesheet):
+    """No style attribute and no <style> element outside `stylesheet`; every class is a labkit- class it defines."""
+    css = re.fullmatch(r"<style>(.*)</style>", stylesheet.value, re.S).group(1)
+    shown = [w.value for w in html_widgets(root) if w is not stylesheet]
+    assert stylesheet in html_widgets(root) and any(shown)
+    for value in shown:
+        assert "style=" not in value and "<style" not in value, value
+        for names in re.findall(r"class=['\"]([^'\"]*)['\"]", value):
+            for name in names.split():
+                assert name.startswith("labkit-") and re.search(rf"\.{name}(?![\w-])", css), name
+
+
+def test_rendered_html_is_styled_by_the_one_stylesheet(store):
+    store.add_comparison(TASK, "a <query>", ["\n\nA", "B", "C", "D"],
+                         extra={"full_responses": ["\n\nA cut", "B", "C", "Dx"], "found": [True, True, True, False]})
+    lab = ComparisonLabeler(store, SENTIMENT, seed=0)
+    press(lab, "9")  # an error in the status line
+    html = "".join(w.value for w in html_widgets(lab.widget))
+    assert all(name in html for name in ("labkit-breaks", "labkit-cut", "labkit-no-cut-point", "labkit-error"))
+    assert_styled_by_classes_only(lab.widget, lab._stylesheet)
+    lab.choose(0)
+    assert "labkit-empty-message" in lab._empty.value
+    assert_styled_by_classes_only(lab.widget, lab._stylesheet)

@@ -111,6 +111,31 @@ class RewardTrainer:
         train = [examples[i] for i in order[n_held:]]
         return train, held
 
+    def _gradients(self, batch: list[KWayExample], params: list, opt) -> tuple[float, float]:
+        """The gradient of the mean k-way loss over `batch` in `params`' .grad, checked finite; returns the batch's
+        summed loss and number of correct picks.
+
+        Under N processes each takes a share of the batch, its loss weighted so that the gradient averaged over
+        processes is the whole batch's; a process with no share runs a stand-in comparison with weight 0,
+        because a sharded model needs every process in every pass.
+        """
+        mine = distributed.shard(batch)
+        weight = len(mine) * distributed.world_size() / len(batch)
+        opt.zero_grad(set_to_none=True)
+        r = self._batch_rewards(mine or batch[:1])  # (b, k)
+        best = torch.tensor([ex.best for ex in mine or batch[:1]], device=r.device)
+        loss, correct = kway_loss(r, best)
+        (loss * weight).backward()
+        loss_sum, n_correct = (loss.item() * len(mine), correct.sum().item()) if weight else (0.0, 0.0)
+        distributed.average_gradients(params)
+        loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
+        if not distributed.on_every_process(gradients_are_finite(params)):
+            raise FloatingPointError(
+                f"Reward-model step {self.step + 1}: the loss ({loss_sum / len(batch):.4g}) or its gradients "
+                "are not finite, so this step was not applied and the model is as after the previous step. "
+                "Lower the learning rate (RewardConfig.lr), or check the labeled texts.")
+        return loss_sum, n_correct
+
     def fit(self, examples: list[KWayExample], dashboard=None, progress: bool = True) -> list[dict]:
         """Train on `examples` for `config.epochs` epochs; returns this run's metrics (also in .history)."""
         from tqdm.auto import tqdm
@@ -135,26 +160,8 @@ class RewardTrainer:
                 for s in range(steps_per_epoch):
                     t0 = time.time()
                     batch = [train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-                    # each process takes a share of the batch; its loss is weighted so that the gradient
-                    # averaged over processes is the gradient of the mean loss over the whole batch
-                    mine = distributed.shard(batch)
-                    weight = len(mine) * distributed.world_size() / len(batch)
-                    if not mine:  # a stand-in comparison with weight 0: sharded models need every process in every pass
-                        mine = batch[:1]
-                    opt.zero_grad(set_to_none=True)
-                    r = self._batch_rewards(mine)
-                    best = torch.tensor([ex.best for ex in mine], device=r.device)
-                    loss, correct = kway_loss(r, best)
-                    (loss * weight).backward()
-                    loss_sum, n_correct = (loss.item() * len(mine), correct.sum().item()) if weight else (0.0, 0.0)
-                    distributed.average_gradients(params)
-                    loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
                     lr = opt.param_groups[0]["lr"]
-                    if not distributed.on_every_process(gradients_are_finite(params)):
-                        raise FloatingPointError(
-                            f"Reward-model step {self.step + 1}: the loss ({loss_sum / len(batch):.4g}) or its gradients "
-                            "are not finite, so this step was not applied and the model is as after the previous step. "
-                            "Lower the learning rate (RewardConfig.lr), or check the labeled texts.")
+                    loss_sum, n_correct = self._gradients(batch, params, opt)
                     opt.step()
                     sched.step()
                     self.step += 1

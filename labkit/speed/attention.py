@@ -6,12 +6,10 @@ PyTorch's CPU flash-attention kernel (what transformers' SDPA path runs) spends 
 the arithmetic, and for grouped-query attention (SmolLM2: 9 query heads over 3 key/value heads) transformers
 first copies every key/value head out to its 3 query heads. Here each group of query heads is stacked into one
 (n_rep * q, D) matrix against its own (S, D) keys: two batched matrix products forward, five backward (with the
-softmax probabilities kept from the forward), no copies of the keys and values. Measured side by side on
-SmolLM2's shapes, 16 rows (`python benchmarks/attention.py`): with a padding mask, forward and backward per
-layer 1.2-1.4x faster at 64 and 88 keys, 1.1x at 128; a no-gradient forward 1.1-1.2x at 64-88 keys, slower
-from 128. Without a mask (queries all of one length) SDPA's causal kernel is about as fast, and past those lengths
-flash attention wins (the kept probabilities, B x H x q x S floats per layer, 4.5 MB at 16 x 9 x 88 x 88,
-grow with S^2 too).
+softmax probabilities kept from the forward), no copies of the keys and values. This wins for short keys
+with a padding mask; without a mask SDPA's causal kernel is about as fast, and for long keys flash attention
+wins (the kept probabilities, B x H x q x S floats per layer, grow with S^2). `python benchmarks/attention.py`
+measures both side by side per key length; `MAX_KEYS` holds the crossovers it found.
 
 `use_grouped_attention(model)` switches a Hugging Face model to `grouped_attention`, which hands every case
 it does not cover to transformers' own SDPA function unchanged: no mask, a GPU, another dtype than fp32 or

@@ -5,10 +5,8 @@ peak, and much of the rest is elementwise work that eager PyTorch does one pass 
 transformers' RMSNorm is six kernels forward (cast, square, mean, add, rsqrt, two products) and more backward,
 61 times per pass; the MLP's silu(gate) * up is two forward and three backward, each over a (16, 87, 1536)
 tensor, and keeps silu(gate) alive for the backward. `torch.compile` fuses each into one loop forward and one
-backward, with fewer tensors allocated and saved. Measured on SmolLM2, fp32, 2 threads
-(`python benchmarks/fused_kernels.py`, eager and compiled alternating in one process): a training micro-batch
-1.13x faster (13.75 -> 12.12 s per two), a no-gradient pass 1.01x; with `sampling.prune_last_mlp`, PPO's
-optimisation phase went from ~102 to ~94 s per update (benchmarks/README.md).
+backward, with fewer tensors allocated and saved (`python benchmarks/fused_kernels.py` measures eager against
+compiled, alternating in one process; its results land in benchmarks/results/fused_kernels.jsonl).
 
 `use_fused_kernels(model)` swaps the classes of a model's `LlamaRMSNorm` and SiLU `LlamaMLP` modules for the
 subclasses below (same parameters and state dict; copies of the model keep them). Their forward takes the

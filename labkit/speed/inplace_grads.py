@@ -6,9 +6,8 @@ embedding's dense gradient (zero-filled, then index-added), the head's weight gr
 their sum for a tied weight, and then adds that into `.grad`; on a CPU fresh large tensors are also fresh
 pages to fault in. Here the embedding's backward index-adds its rows straight into `weight.grad`, and the
 head's backward runs its matmul with `addmm_` into `weight.grad`: one (V, H) buffer per optimiser step,
-allocated when `.grad` is None, nothing of that size per micro-batch. Measured (benchmarks/vocab_grads_ab.py,
-two micro-batches of 16 x 88 tokens on SmolLM2): half the page faults, 1.01-1.05x faster; a micro-batch-4
-PPO update peaked at 4.44 GiB against at least 4.60 before (benchmarks/README.md).
+allocated when `.grad` is None, nothing of that size per micro-batch: fewer page faults and a lower peak
+(`python benchmarks/vocab_grads_ab.py`, an A/B in one process).
 
 `accumulate_vocab_grads_in_place(model)` swaps the classes of the model's input-embedding and output-head
 modules for subclasses whose forward does this while their weight is trained and gradients are on; frozen

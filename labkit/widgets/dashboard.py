@@ -1,7 +1,7 @@
 """Live training curves for PPO and reward-model training: a status line, a plotly figure, a sample table.
 
-A trainer calls `dash.log(metrics, samples)` once per update. The dashboard keeps every metrics dict in
-`history` and redraws in place at most `max_fps` times a second, so logging costs almost nothing.
+A trainer calls `dash.log(metrics, samples)` once per update. The dashboard keeps every metrics dict it is
+given in `history` and redraws in place at most `max_fps` times a second, so logging costs almost nothing.
 
     dash = Dashboard(kl_target=6.0)
     dash                      # display it in its own cell, before the training cell
@@ -41,6 +41,12 @@ REFERENCE_KEYS = {"objective/kl_target", "rm/chance_loss", "rm/chance_accuracy"}
 MAX_QUERY_CHARS = 160  # longer queries are cut from the front: the response continues the query's end
 ROW_HEIGHT_PX = 260
 
+# The dashboard's one stylesheet; its HTML only names these classes.
+_CSS = """
+.labkit-samples td, .labkit-samples th { padding: 2px 8px; text-align: left; vertical-align: top;
+    white-space: pre-wrap; }
+"""
+
 
 class Dashboard:
     """Live curves of the metrics a trainer logs; `widget` (or the Dashboard itself) is what a notebook shows.
@@ -58,6 +64,7 @@ class Dashboard:
         self.kl_target = kl_target  # dashed line in the KL panel unless metrics carry "objective/kl_target"
         self.max_fps = max_fps
         self.max_samples = max_samples
+        # Its own list of the logged dicts (not copies): trainers hand over one dict per update, not their history.
         self.history: list[dict] = []
         self.n_redraws = 0  # counts redraws, so that tests (and curious users) can see the throttle work
 
@@ -67,8 +74,8 @@ class Dashboard:
         self._samples: list[dict] = []
         self._last_redraw = -math.inf
         self._trace_keys: list[str] = []  # metric key of each trace in figure.data, in order
-        self._jsonl_lines = 0
 
+        self._stylesheet = widgets.HTML(f"<style>{_CSS}</style>", layout=widgets.Layout(display="none"))
         self._status = widgets.HTML()
         # The figure exists (empty) from the start and gets its subplots in place on the first redraw:
         # a widget created while a long cell runs can stay blank in JupyterLab until the cell ends, but
@@ -78,7 +85,7 @@ class Dashboard:
             xaxis=dict(visible=False), yaxis=dict(visible=False),
         ))
         self._table = widgets.HTML()
-        self.widget = widgets.VBox([self._status, self.figure, self._table])
+        self.widget = widgets.VBox([self._stylesheet, self._status, self.figure, self._table])
         self.widget.add_class("labkit-dashboard")
         self._status.value = self._status_html()
 
@@ -87,7 +94,7 @@ class Dashboard:
     def log(self, metrics: dict, samples: list[dict] | None = None) -> None:
         """Append one update's metrics (and optionally its samples); redraw if the last redraw is old enough."""
         with self._lock:
-            self.history.append(dict(metrics))
+            self.history.append(metrics)
             if samples is not None:
                 self._samples = list(samples)[-self.max_samples:]
             if time.monotonic() - self._last_redraw >= 1.0 / self.max_fps:
@@ -101,7 +108,7 @@ class Dashboard:
     def load_history(self, history: list[dict]) -> None:
         """Replace the history (e.g. from a checkpoint or a metrics .jsonl file) and redraw."""
         with self._lock:
-            self.history = [dict(m) for m in history]
+            self.history = list(history)
             self._redraw()
 
     @classmethod
@@ -126,12 +133,11 @@ class Dashboard:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {number}: not a JSON metrics dict ({e})") from None
-        if len(rows) == self._jsonl_lines:
+        seen = len(self.history)
+        if len(rows) == seen:
             return 0
-        n_new = len(rows) - self._jsonl_lines if len(rows) > self._jsonl_lines else len(rows)
-        self._jsonl_lines = len(rows)
         self.load_history(rows)
-        return n_new
+        return len(rows) - seen if len(rows) > seen else len(rows)
 
     def _repr_mimebundle_(self, **kwargs):
         # Lets `dash` alone at the end of a cell display the widget; library code never calls display().
@@ -231,9 +237,7 @@ def samples_table_html(samples: list[dict]) -> str:
     header = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     rows = "".join("<tr>" + "".join(f"<td>{_cell_text(c, s.get(c, ''))}</td>" for c in columns) + "</tr>"
                    for s in samples)
-    return ("<style>.labkit-samples td, .labkit-samples th {padding: 2px 8px; text-align: left;"
-            " vertical-align: top; white-space: pre-wrap}</style>"
-            f"<table class='labkit-samples'><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>")
+    return f"<table class='labkit-samples'><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def _cell_text(column: str, value) -> str:

@@ -6,11 +6,15 @@
 
 A thin view over the store: the queue is `store.pending(labeler, task, kind)`, every click is one
 `record_label` (which returns only after the label is committed to disk) and only then does the view move
-on. Nothing is kept only in memory: restart the kernel and the queue resumes where it was.
+on. Each render reads what it shows from the store (the queue, and this session's labels for the progress
+line), and the labeler's name is the one in the name box; the view itself holds only what the store cannot
+know (which comparison is on screen, since when, whether a refill runs). Restart the kernel and the queue
+resumes where it was.
 
-The responses are shown in a random order per comparison (seeded) so that position bias does not favour
-one source; the order is stored with the label (`permutation[j]` = stored index shown at position j), and
-a click on position j stores `best = permutation[j]`.
+The responses are shown in a random order per comparison, drawn from (seed, comparison id), so that position
+bias does not favour one source and a comparison shows the same way again (after an undo, or after a restart
+with the same seed). The order is stored with the label (`permutation[j]` = stored index shown at position
+j), and a click on position j stores `best = permutation[j]`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,34 @@ LETTERS = string.ascii_uppercase
 POSITION_KEYS = {**{str(j + 1): j for j in range(9)}, **{chr(ord("a") + j): j for j in range(9)}}
 SKIP_KEY, UNDO_KEY = "s", "u"
 
-PROMPT_MAX_HEIGHT = "14em"  # longer prompts scroll; they open scrolled to the end, which the responses continue
+# The labeler's one stylesheet: the view's HTML and widgets only name these classes. Scoping every rule by
+# .labkit-labeler also makes it more specific than ipywidgets' defaults (e.g. the note box's fixed width).
+_CSS = """
+.labkit-labeler .labkit-title { font-weight: bold; font-size: 1.1em; }
+.labkit-labeler .labkit-instructions-text { margin: 2px 0 6px; line-height: 1.4; }
+.labkit-labeler .labkit-meta { color: #777; font-size: 0.9em; }
+/* A long prompt scrolls. column-reverse opens it scrolled to its end, which the responses continue. */
+.labkit-labeler .labkit-prompt-scroll { max-height: 14em; overflow-y: auto; display: flex;
+    flex-direction: column-reverse; border-left: 3px solid #90a4ae; padding: 4px 8px; background: #f5f7f8;
+    margin: 4px 0; }
+.labkit-labeler .labkit-prompt-text { white-space: pre-wrap; line-height: 1.4; }
+.labkit-labeler .labkit-row { align-items: flex-start; }
+.labkit-labeler .labkit-choice { width: 3.5em; flex: 0 0 auto; }
+.labkit-labeler .labkit-response { flex: 1 1 auto; }
+.labkit-labeler .labkit-response-text { white-space: pre-wrap; line-height: 1.4; padding: 4px 8px;
+    border: 1px solid #ddd; border-radius: 4px; margin: 2px 0 4px 6px; }
+.labkit-labeler .labkit-breaks, .labkit-labeler .labkit-cut { color: #999; }
+.labkit-labeler .labkit-cut { text-decoration: line-through; }
+.labkit-labeler .labkit-cut-label { color: #999; font-size: 0.85em; }
+.labkit-labeler .labkit-no-cut-point { color: #e65100; font-size: 0.85em; }
+.labkit-labeler .labkit-note { width: 100%; height: 3.2em; }
+.labkit-labeler .labkit-empty-message { padding: 8px; background: #fff8e1; border: 1px solid #ffb300;
+    border-radius: 4px; }
+.labkit-labeler .labkit-status { color: #555; }
+.labkit-labeler .labkit-error { color: #c62828; }
+.labkit-labeler .labkit-labeler-name { width: 16em; }
+.labkit-labeler .labkit-progress { margin-left: 1em; }
+"""
 
 _KEYS_ESM = """
 function render({ model, el }) {
@@ -101,38 +132,50 @@ class ComparisonLabeler:
             raise TypeError(f"refill must be a function taking no arguments (or None), got {type(refill).__name__}")
         self.store = store
         self.task = get_task(task)
-        self.labeler = labeler.strip()
         self.kind = kind
         self.refill = refill
         self.low_water = low_water
-        self.current: Comparison | None = None
-        self.permutation: list[int] = []
+        self._seed = random.randrange(2**63) if seed is None else seed
 
-        self._rng = random.Random(seed)
+        # What the store cannot know: the comparison on screen, since when, and when this labeler's session began.
+        self.current: Comparison | None = None
         self._shown_at: float | None = None
-        self._next: Comparison | None = None  # preloaded: the comparison after `current`
-        self._orders: dict[int, list[int]] = {}  # comparison id -> the order shown, so an undo shows it the same way
-        self._queued = 0
-        self._session_labels = 0
         self._session_start: float | None = None
+        self._next: Comparison | None = None  # preloaded: the comparison after `current`
         self._refill_thread: threading.Thread | None = None
         self._refilling = False
         # Clicks run on the kernel's main thread, a finished refill on its own thread: one lock for the view.
         self._lock = threading.RLock()
 
-        self._build()
+        self._build(labeler.strip())
         with self._lock:
             self._refresh(keep_current=False)
 
+    @property
+    def labeler(self) -> str:
+        """Who is labeling: the name in the labeler box."""
+        return self.labeler_name.value.strip()
+
+    @property
+    def permutation(self) -> list[int]:
+        """The order the current comparison is shown in: display position -> stored index ([] if none)."""
+        if self.current is None:
+            return []
+        order = list(range(self.current.k))
+        random.Random(f"{self._seed}:{self.current.id}").shuffle(order)
+        return order
+
     # ---- the view ----
 
-    def _build(self):
+    def _build(self, labeler: str):
+        self._stylesheet = widgets.HTML(f"<style>{_CSS}</style>", layout=widgets.Layout(display="none"))
         header = widgets.HTML(
-            f"<div style='font-weight:bold;font-size:1.1em'>{html.escape(self.task.title)}</div>"
-            f"<div style='margin:2px 0 6px;line-height:1.4'>{html.escape(self.task.instructions)}</div>"
+            f"<div class='labkit-title'>{html.escape(self.task.title)}</div>"
+            f"<div class='labkit-instructions-text'>{html.escape(self.task.instructions)}</div>"
         )
         header.add_class("labkit-instructions")
         self._meta = widgets.HTML()
+        self._meta.add_class("labkit-meta")
         self._prompt = widgets.HTML()
         self._prompt.add_class("labkit-prompt")
         self._rows: list[widgets.HBox] = []  # one per display position, grown as needed for larger k
@@ -148,17 +191,15 @@ class ComparisonLabeler:
                                           icon="undo")
         self.undo_button.add_class("labkit-undo")
         self.undo_button.on_click(lambda _: self.undo())
-        self.note = widgets.Textarea(placeholder="optional note, stored with your next label or skip",
-                                     layout=widgets.Layout(width="100%", height="3.2em"))
+        self.note = widgets.Textarea(placeholder="optional note, stored with your next label or skip")
         self.note.add_class("labkit-note")
 
         self.keys = KeyCapture()
         self.keys.add_class("labkit-keys")
         self.keys.observe(self._on_key, names="presses")
 
-        self.labeler_name = widgets.Text(value=self.labeler, description="labeler",
-                                         continuous_update=False,  # apply the name on Enter or blur, not per keystroke
-                                         layout=widgets.Layout(width="16em"))
+        self.labeler_name = widgets.Text(value=labeler, description="labeler",
+                                         continuous_update=False)  # apply the name on Enter or blur, not per keystroke
         self.labeler_name.add_class("labkit-labeler-name")
         self.labeler_name.observe(self._on_labeler_name, names="value")
         self._progress = widgets.HTML()
@@ -181,7 +222,7 @@ class ComparisonLabeler:
         ])
         self._empty_box = widgets.VBox([self._empty, self.refill_button])
         self.widget = widgets.VBox([
-            header, self._comparison_box, self._empty_box, self._status,
+            self._stylesheet, header, self._comparison_box, self._empty_box, self._status,
             widgets.HBox([self.labeler_name, self._progress]),
         ])
         self.widget.add_class("labkit-labeler")
@@ -194,29 +235,27 @@ class ComparisonLabeler:
         """Show k response rows (button + text), creating rows the first time a larger k appears."""
         while len(self._rows) < k:
             j = len(self._rows)
-            button = widgets.Button(description=LETTERS[j], tooltip=f"{LETTERS[j]} is best (key {j + 1})",
-                                    layout=widgets.Layout(width="3.5em", flex="0 0 auto"))
+            button = widgets.Button(description=LETTERS[j], tooltip=f"{LETTERS[j]} is best (key {j + 1})")
+            button.add_class("labkit-choice")
             button.add_class(f"labkit-choice-{j}")
             button.on_click(lambda _, j=j: self.choose(j))
-            text = widgets.HTML(layout=widgets.Layout(flex="1 1 auto"))
+            text = widgets.HTML()
+            text.add_class("labkit-response")
             text.add_class(f"labkit-response-{j}")
+            row = widgets.HBox([button, text])
+            row.add_class("labkit-row")
             self._button_pool.append(button)
             self._response_pool.append(text)
-            self._rows.append(widgets.HBox([button, text], layout=widgets.Layout(align_items="flex-start")))
+            self._rows.append(row)
         if len(self._responses.children) != k:  # resend children only when k changes
             self._responses.children = self._rows[:k]
         self.buttons = self._button_pool[:k]
 
     def _show(self, c: Comparison):
-        """Render comparison `c` in a (new or remembered) random order and start its clock."""
-        if c.id not in self._orders:
-            order = list(range(c.k))
-            self._rng.shuffle(order)
-            self._orders[c.id] = order
-        self.current, self.permutation = c, self._orders[c.id]
+        """Render comparison `c` in its order and start its clock."""
+        self.current, self._shown_at = c, time.time()
         self._ensure_rows(c.k)
-        self._meta.value = (f"<span style='color:#777;font-size:0.9em'>comparison #{c.id} · task "
-                            f"{html.escape(c.task)} · kind {html.escape(c.kind)}</span>")
+        self._meta.value = f"comparison #{c.id} · task {html.escape(c.task)} · kind {html.escape(c.kind)}"
         self._prompt.value = prompt_html(c.query)
         full = c.extra.get("full_responses")
         found = c.extra.get("found")
@@ -227,12 +266,9 @@ class ComparisonLabeler:
         self.keys.hint = f"click here, then press 1-{min(c.k, 9)} / {letters}, s = skip, u = undo"
         self._comparison_box.layout.display = None
         self._empty_box.layout.display = "none"
-        self._shown_at = time.time()
-        if self._session_start is None:
-            self._session_start = self._shown_at
 
     def _show_empty(self):
-        self.current, self.permutation, self._shown_at = None, [], None
+        self.current, self._shown_at = None, None
         kind = "" if self.kind is None else f", kind {self.kind!r}"
         if self._refilling:
             what_next = "new comparisons are being sampled and appear here when ready"
@@ -241,33 +277,39 @@ class ComparisonLabeler:
         else:
             what_next = "add comparisons to the store (labkit.labeling.comparisons.make_comparisons), then press Check again"
         self._empty.value = (
-            f"<div style='padding:8px;background:#fff8e1;border:1px solid #ffb300;border-radius:4px'>"
-            f"<b>Queue empty: refill.</b> {html.escape(self.labeler)} has labeled or skipped every comparison "
-            f"of task {html.escape(self.task.name)!r}{html.escape(kind)}; {html.escape(what_next)}.</div>"
+            f"<div class='labkit-empty-message'><b>Queue empty: refill.</b> {html.escape(self.labeler)} has labeled "
+            f"or skipped every comparison of task {html.escape(self.task.name)!r}{html.escape(kind)}; "
+            f"{html.escape(what_next)}.</div>"
         )
         self._comparison_box.layout.display = "none"
         self._empty_box.layout.display = None
 
-    def _render_progress(self):
+    def _render_progress(self, queued: int):
+        labeled = self._labeled_this_session()
         rate = "–"
-        if self._session_labels and self._session_start is not None:
+        if labeled:
             minutes = max(time.time() - self._session_start, 1e-9) / 60
-            rate = f"{self._session_labels / minutes:.1f}"
+            rate = f"{labeled / minutes:.1f}"
         refilling = " · refilling…" if self._refilling else ""
-        self._progress.value = (f"<span style='margin-left:1em'>labeled {self._session_labels} · queued "
-                                f"{self._queued} · {rate} labels/min{refilling}</span>")
+        self._progress.value = f"labeled {labeled} · queued {queued} · {rate} labels/min{refilling}"
+
+    def _labeled_this_session(self) -> int:
+        """This labeler's live labels in this queue since the session began: undone ones no longer count."""
+        if self._session_start is None:
+            return 0
+        labels = self.store.labels(task=self.task.name, kind=self.kind, labeler=self.labeler)
+        return sum(label.submitted_at >= self._session_start for label in labels)
 
     def _say(self, text: str, error: bool = False):
-        color = "#c62828" if error else "#555"
-        self._status.value = f"<span style='color:{color}'>{html.escape(text)}</span>" if text else ""
+        text = html.escape(text)
+        self._status.value = f"<span class='labkit-error'>{text}</span>" if error and text else text
 
     # ---- the queue ----
 
     def _refresh(self, keep_current: bool, may_refill: bool = True):
         """Re-read the queue; show its head unless the current comparison is kept; preload the next one."""
         pending = self.store.pending(self.labeler, task=self.task.name, kind=self.kind)
-        self._queued = len(pending)
-        if may_refill and self.refill is not None and self._queued < self.low_water:
+        if may_refill and self.refill is not None and len(pending) < self.low_water:
             self._start_refill()
         if not (keep_current and self.current is not None and self.current.id in pending):
             if pending:
@@ -276,7 +318,9 @@ class ComparisonLabeler:
                 self._show(self._next if cached else self.store.comparison(head))
             else:
                 self._show_empty()
-        self._render_progress()
+        if self._session_start is None and self.current is not None:
+            self._session_start = time.time()  # the session (and its rate) begins with the first comparison shown
+        self._render_progress(len(pending))
         # Preload after rendering: the next click then only does a quick queue read and renders.
         after = [i for i in pending[:2] if self.current is None or i != self.current.id]
         if not after:
@@ -322,10 +366,9 @@ class ComparisonLabeler:
             if not 0 <= position < c.k:
                 raise ValueError(f"position must be 0..{c.k - 1} (A..{LETTERS[c.k - 1]}) for comparison #{c.id}, "
                                  f"got {position}")
+            order = self.permutation
             self._act(lambda note: self.store.record_label(
-                c.id, self.permutation[position], self.labeler, permutation=self.permutation,
-                shown_at=self._shown_at, note=note))
-            self._session_labels += 1
+                c.id, order[position], self.labeler, permutation=order, shown_at=self._shown_at, note=note))
             self._say(f"saved: {LETTERS[position]} is best in #{c.id}")
             self._refresh(keep_current=False)
 
@@ -357,8 +400,6 @@ class ComparisonLabeler:
                           "which is not in this queue")
                 self._refresh(keep_current=True)
                 return
-            if undone["type"] == "label" and self._session_labels:
-                self._session_labels -= 1
             self._say(f"undid your {undone['type']} of #{c.id}: choose again")
             self._show(c)
             self._refresh(keep_current=True)
@@ -402,26 +443,23 @@ class ComparisonLabeler:
                 self.choose(position)
 
     def _on_labeler_name(self, change):
-        name = change["new"].strip()
+        old, name = change["old"].strip(), change["new"].strip()
         if not name:
-            self._say("the labeler name cannot be empty; keeping " + repr(self.labeler), error=True)
-            self.labeler_name.value = self.labeler
+            self._say(f"the labeler name cannot be empty; keeping {old!r}", error=True)
+            self.labeler_name.value = old  # comes back here with old == "", which was never applied
+            return
+        if not old or name == old:
             return
         with self._lock:
-            if name == self.labeler:
-                return
-            # A new person: their own queue, and the session counters start again.
-            self.labeler, self._session_labels, self._session_start = name, 0, None
+            # A new person: their own queue, and a new session.
+            self._session_start = None
             self._say(f"labeling as {name}")
             self._refresh(keep_current=True)
 
 
 def prompt_html(query: str) -> str:
     """The query, escaped, newlines kept; a long one scrolls and opens scrolled to its end."""
-    # column-reverse makes the browser start a scrollable box at its bottom, where the responses continue.
-    return (f"<div style='max-height:{PROMPT_MAX_HEIGHT};overflow-y:auto;display:flex;flex-direction:column-reverse;"
-            "border-left:3px solid #90a4ae;padding:4px 8px;background:#f5f7f8;margin:4px 0'>"
-            f"<div style='white-space:pre-wrap;line-height:1.4'>{html.escape(query)}</div></div>")
+    return f"<div class='labkit-prompt-scroll'><div class='labkit-prompt-text'>{html.escape(query)}</div></div>"
 
 
 def response_html(kept: str, full: str | None, found: bool | None) -> str:
@@ -432,16 +470,16 @@ def response_html(kept: str, full: str | None, found: bool | None) -> str:
     """
     body = kept.lstrip("\n")
     breaks = len(kept) - len(body)
-    parts = [f"<span style='color:#999' title='starts with {breaks} line break(s)'>{'↵' * breaks} </span>"] if breaks else []
+    marks = f"<span class='labkit-breaks' title='starts with {breaks} line break(s)'>{'↵' * breaks} </span>"
+    parts = [marks] if breaks else []
     parts.append(f"<span>{html.escape(body)}</span>")
     if full is not None and full != kept:
         # Decoding the kept tokens alone can differ from the full text's prefix at a token boundary;
         # then show the whole untruncated text instead of a wrong remainder.
         cut = full[len(kept):] if full.startswith(kept) else full
         label = "[cut]" if full.startswith(kept) else "[cut; untruncated text:]"
-        parts.append(f" <span style='color:#999;font-size:0.85em'>{label}</span>"
-                     f"<span style='color:#999;text-decoration:line-through'>{html.escape(cut)}</span>")
+        parts.append(f" <span class='labkit-cut-label'>{label}</span>"
+                     f"<span class='labkit-cut'>{html.escape(cut)}</span>")
     if found is False:
-        parts.append("<div style='color:#e65100;font-size:0.85em'>(no truncation point: scored as penalty)</div>")
-    return ("<div style='white-space:pre-wrap;line-height:1.4;padding:4px 8px;border:1px solid #ddd;border-radius:4px;"
-            f"margin:2px 0 4px 6px'>{''.join(parts)}</div>")
+        parts.append("<div class='labkit-no-cut-point'>(no truncation point: scored as penalty)</div>")
+    return f"<div class='labkit-response-text'>{''.join(parts)}</div>"

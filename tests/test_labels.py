@@ -428,3 +428,19 @@ def test_module_stays_light():
             "m = importlib.util.module_from_spec(spec); sys.modules['m'] = m; spec.loader.exec_module(m); "
             "print(sorted({'torch', 'transformers', 'datasets', 'numpy'} & set(sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_count_labels_counts_live_labels_since_a_time(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    ids = [store.add_comparison("sentiment", f"q{i}", ["a", "b"]) for i in range(3)]
+    first = store.record_label(ids[0], 0, "ann")
+    store.record_label(ids[1], 1, "ann")
+    store.record_label(ids[2], 1, "bob")
+    assert store.count_labels(labeler="ann") == 2 and store.count_labels(task="sentiment") == 3
+    assert store.count_labels(labeler="ann", task="tldr") == 0
+    later = max(label.submitted_at for label in store.labels()) + 1
+    assert store.count_labels(since=later) == 0
+    assert store.count_labels(labeler="ann", since=0) == 2
+    store.retract_label(first, "ann")
+    assert store.count_labels(labeler="ann") == 1  # a retracted label no longer counts
+    assert store.count_labels(labeler="ann") == sum(1 for label in store.labels(labeler="ann"))

@@ -389,6 +389,18 @@ class LabelStore:
             rows = db.execute(f"SELECT c.id FROM comparisons c {where} ORDER BY c.id", (labeler, labeler, *args))
             return [r[0] for r in rows]
 
+    def count_labels(self, task=None, kind=None, labeler=None, since: float | None = None) -> int:
+        """How many live labels match, submitted at or after `since` if given: one COUNT query (the labeling
+        widget's counter asks on every click)."""
+        extra = ["r.id IS NULL"] + (["l.submitted_at >= ?"] if since is not None else [])
+        where, args = _filters(*extra, task=task, kind=kind, labeler=labeler)
+        with self._read() as db:
+            return db.execute(
+                f"""SELECT count(*) FROM labels l JOIN comparisons c ON c.id = l.comparison_id
+                    LEFT JOIN retractions r ON r.label_id = l.id {where}""",
+                ([since] if since is not None else []) + args,
+            ).fetchone()[0]
+
     def labels(self, task=None, kind=None, labeler=None, include_retracted=False) -> list[Label]:
         live_only = [] if include_retracted else ["r.id IS NULL"]
         where, args = _filters(*live_only, task=task, kind=kind, labeler=labeler)

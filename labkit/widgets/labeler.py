@@ -297,8 +297,7 @@ class ComparisonLabeler:
         """This labeler's live labels in this queue since the session began: undone ones no longer count."""
         if self._session_start is None:
             return 0
-        labels = self.store.labels(task=self.task.name, kind=self.kind, labeler=self.labeler)
-        return sum(label.submitted_at >= self._session_start for label in labels)
+        return self.store.count_labels(task=self.task.name, kind=self.kind, labeler=self.labeler, since=self._session_start)
 
     def _say(self, text: str, error: bool = False):
         text = html.escape(text)

@@ -30,101 +30,42 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from labkit import distributed
 from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
 from labkit.reward import RewardModel
 from labkit.rl import checkpoint
-from labkit.rl.advantages import compute_gae, global_whiten, kl_penalty_rewards, masked_mean
+from labkit.rl.advantages import (
+    compute_gae,
+    global_whiten,
+    kl_penalty_rewards,
+    masked_mean,
+)
+from labkit.rl.config import PPOConfig
 from labkit.rl.interrupts import deferred_interrupt
 from labkit.rl.kl_controller import AdaptiveKLController, FixedKLController
 from labkit.rl.losses import policy_loss, value_loss
 from labkit.rl.value import SeparateValueModel, ValueHead
-from labkit.sampling import Rollout, batch_slices, forward_responses, prefix_rows, query_prefix, sample, unwrap
+from labkit.sampling import (
+    Rollout,
+    batch_slices,
+    forward_responses,
+    prefix_rows,
+    query_prefix,
+    sample,
+    unwrap,
+)
 from labkit.speed.checkpointing import checkpoint_blocks
 from labkit.tasks import Task, format_query, get_task
 
 RewardFn = Callable[[list[str], list[str]], "list[float] | torch.Tensor"]
-
-
-@dataclass
-class PPOConfig:
-    """PPO settings. Defaults follow the released code where a CPU can afford it (see each field)."""
-
-    batch_size: int = 64
-    """Rollouts per update and process: N processes sample N * batch_size in all (the paper: 1024 style /
-    512 summaries in all; code at 124M: 512 / 32)."""
-    minibatch_size: int | None = None
-    """Rollouts per optimiser step; None = the whole batch (the code's 1 minibatch)."""
-    micro_batch_size: int | None = None
-    """Rollouts per forward/backward inside a minibatch (gradient accumulation), and per forward of the
-    no-grad scoring passes; None = minibatch. Smaller uses less memory, at some speed (benchmarks/README.md,
-    "Memory")."""
-    ppo_epochs: int = 4
-    """Passes over each batch, with a fresh permutation each pass."""
-    lr: float = 1e-5
-    """Peak learning rate, decayed linearly to 0 over `total_updates` (code: 1e-5 style, 2e-6 TL;DR)."""
-    total_updates: int = 100
-    """Planned number of updates: sets the learning-rate decay horizon."""
-    optimizer: str = "tf_adam"
-    """"tf_adam" (eps on the un-corrected sqrt(v), the original's; default) or "adam" (PyTorch's)."""
-    init_beta: float | None = None
-    """Initial KL coefficient; None = the task's (0.15 style, 0.03 TL;DR, 0.01 CNN/DM)."""
-    kl_target: float | None = -1.0
-    """Target KL (nats per sequence) of the adaptive controller; None = fixed beta; -1 = the task's."""
-    kl_horizon: int = 10_000
-    """Adaptive controller horizon in episodes (the code's 10,000)."""
-    gamma: float = 1.0
-    """GAE discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    cliprange: float = 0.2
-    """PPO policy ratio clip."""
-    cliprange_value: float = 0.2
-    """Value clip around the old values."""
-    vf_coef: float = 0.1
-    """Value-loss coefficient in loss = pg_loss + vf_coef * vf_loss."""
-    whiten_rewards: bool = True
-    """Scale per-token rewards by 1/std over the batch, keeping the mean (the code's default)."""
-    value_model: str = "shared"
-    """"shared" (head on the policy trunk, zero init) or "separate" (a copy of the reward model)."""
-    lora_r: int = 0
-    """LoRA rank; 0 = full fine-tuning. With LoRA, rho is the policy with adapters disabled."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator (effective scale alpha / r)."""
-    generation_batch_size: int | None = None
-    """Rollouts sampled at once (memory bound); None = the whole batch."""
-    gradient_checkpointing: bool = False
-    """Recompute each transformer block's activations in the backward pass instead of keeping them
-    (labkit/speed/checkpointing.py; the policy's blocks, and the separate value model's): activation memory of
-    about one block, for one more forward pass per training pass (~1/3 more training compute). For a big
-    model or a small machine. Changes the policy model passed in (its blocks' classes), not its results."""
-    separate_value_first_epoch: bool = True
-    """With `value_model="separate"` and one minibatch: take the old values from the value model's first
-    training epoch instead of a no-grad pass of their own (`PPOTrainer._first_value_epoch`). The update is the
-    same (tests/test_ppo.py); it saves one forward pass of the value model over the whole batch."""
-    seed: int = 0
-    """Seeds prompt choice, sampling and minibatch order (all saved in checkpoints); process r of N uses
-    seed + r * 100003."""
-    save_every: int = 1
-    """With a run_dir, checkpoint after every this many updates (0 = only when asked)."""
-    n_samples_shown: int = 4
-    """Samples per update passed to the dashboard's table."""
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PPOConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown PPOConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
-        return cls(**d)
 
 
 @dataclass

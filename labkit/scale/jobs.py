@@ -17,7 +17,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from labkit.rl.trainer import PPOConfig
+from labkit.rl.config import PPOConfig
 from labkit.reward import RewardConfig
 from labkit.tasks import Task, TruncationRule, get_task
 

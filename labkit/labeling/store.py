@@ -2,14 +2,18 @@
 
 Losing or corrupting a label is the worst thing this project can do, so the store is built around that:
 
-- SQLite in WAL mode with ``synchronous=FULL``: a write call returns only after its transaction is on
-  disk, so a label whose id you were given survives a kernel crash, a SIGKILL or a power cut.
+- SQLite in WAL mode with ``synchronous=EXTRA`` (in WAL mode the same as FULL): a write call returns only
+  after its transaction is on disk, so a label whose id you were given survives a kernel crash, a SIGKILL
+  or a power cut.
 - Append only. Nothing is ever updated or deleted; "undo" appends a row to ``retractions``.
 - One transaction per write (``BEGIN IMMEDIATE``, so concurrent writers queue on the busy timeout
   instead of failing), one connection guarded by a lock so the notebook thread and a training thread
   can share a store, and several processes can write the same file at once.
-- A file that is not ours (not SQLite, corrupt, or another application's database) is refused with
-  ``LabelStoreError`` before anything is written to it.
+- A file that is not ours (not SQLite, damaged, or another application's database) is refused with
+  ``LabelStoreError`` before anything is written to it: opening an existing file first runs SQLite's
+  integrity_check on a read-only connection (it reads the whole file once). Arguments are checked before
+  anything is written, and a batch is all or nothing.
+- ``LabelStore(path, read_only=True)`` reads a store it must not change, e.g. a colleague's on a read-only share.
 
 Layout (schema v1):
 
@@ -34,12 +38,13 @@ import hashlib
 import json
 import math
 import operator
+import os
 import sqlite3
 import threading
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -52,6 +57,9 @@ APPLICATION_ID = 0x6C626B74
 BUSY_TIMEOUT_S = 60.0
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+# sqlite3.Error.sqlite_errorcode values (extended codes; `& 0xFF` gives the primary one)
+_SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_NOTADB, _SQLITE_READONLY_ROLLBACK = 8, 11, 26, 776
+_RECORD_KEYS = "comparison_id, best, labeler and optionally permutation, shown_at, note"
 
 # MIGRATIONS[i] takes the schema from version i to version i + 1 (PRAGMA user_version).
 # To change the schema, append a script; never edit one that has shipped: files in the wild were made by it.
@@ -165,32 +173,33 @@ class LabelStore:
 
     Safe to share between threads (one connection behind a lock) and between processes (SQLite's own
     locking; writers queue for up to BUSY_TIMEOUT_S). Use ``with LabelStore(path) as store:`` or call
-    ``close()``.
+    ``close()``. ``read_only=True`` opens an existing store for reading only: nothing can be written to it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, read_only=False):
         self.path = Path(path).expanduser().resolve()
+        self.read_only = read_only
         self._lock = threading.RLock()
         self._conn = None
-        _refuse_foreign_file(self.path)  # before anything can write to the file
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not read_only and self.path.exists() and not (os.access(self.path, os.W_OK)
+                                                         and os.access(self.path.parent, os.W_OK)):
+            # WAL needs to create PATH-wal and PATH-shm next to the file, so the folder must be writable too.
+            raise LabelStoreError(_read_only_message(self.path, "the file or its folder cannot be written"))
+        recover = _check_existing_file(self.path, read_only)  # before anything can write to the file
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each write is exactly one transaction.
-            self._conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-            # WAL: readers never block the writer. (If another process holds the file while it is being
-            # created, this can stay in rollback-journal mode for this session: just as durable, only slower.)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")  # fsync at every commit, not just at checkpoints
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            self._conn = _connect(self.path, read_only)
+            if recover:  # the first read rolled back the crashed transaction: now check what is left
+                _inspect(self._conn, self.path, read_only)
+            if not read_only:
+                # WAL: readers never block the writer. (If another process holds the file while it is being
+                # created, this can stay in rollback-journal mode for this session: just as durable, only slower.)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._migrate()
         except sqlite3.Error as e:
             self.close()
-            raise LabelStoreError(
-                f"could not open the label store {self.path}: {e}. If another program holds the file, "
-                "close it and retry; if the disk is full or read-only, free space or pick another path."
-            ) from e
+            raise LabelStoreError(_explain(e, self.path, "open the label store")) from e
         except BaseException:
             self.close()
             raise
@@ -232,13 +241,20 @@ class LabelStore:
         busy timeout instead of failing halfway; nothing is visible to anyone until COMMIT returns."""
         with self._lock:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            if self.read_only:
+                raise LabelStoreError(f"{self.path} is open read-only (read_only=True), so nothing can be "
+                                      "written to it; open it with LabelStore(path) to add or change labels")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 yield _Tx(conn)
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as e:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                # A file SQLite opened read-only behind our back (os.access can be wrong, e.g. NFS root
+                # squash), or damage found mid-way: say so instead of a bare sqlite3 error.
+                if isinstance(e, sqlite3.Error) and _file_problem(e, self.path):
+                    raise LabelStoreError(_file_problem(e, self.path)) from e
                 raise
 
     @contextmanager
@@ -249,8 +265,13 @@ class LabelStore:
             conn.execute("BEGIN")
             try:
                 yield _Tx(conn)
-            finally:
-                conn.execute("COMMIT")
+            except BaseException as e:
+                with suppress(sqlite3.Error):  # a read has nothing to undo: only end the transaction
+                    conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error) and _file_problem(e, self.path):
+                    raise LabelStoreError(_file_problem(e, self.path)) from e
+                raise
+            conn.execute("COMMIT")
 
     def _connection(self):
         if self._conn is None:
@@ -265,7 +286,7 @@ class LabelStore:
         query,
         responses,
         *,
-        query_tokens=(),
+        query_tokens=None,
         response_tokens=None,
         sources="unknown",
         kind="train",
@@ -313,33 +334,47 @@ class LabelStore:
     def record_label(self, comparison_id, best, labeler, *, permutation=None, shown_at=None, note=None) -> int:
         """Store that `labeler` picked response `best` (stored order) of a comparison. The returned id means
         the label is committed to disk."""
-        return self.record_labels(
-            [dict(comparison_id=comparison_id, best=best, labeler=labeler, permutation=permutation,
-                  shown_at=shown_at, note=note)]
-        )[0]
+        item = {"comparison_id": comparison_id, "best": best, "labeler": labeler, "permutation": permutation,
+                "shown_at": shown_at, "note": note}
+        return self._record("labels", [item], batch=False)[0]
 
     def record_labels(self, items) -> list[int]:
         """Store many labels in one transaction (all or none); each item is a dict of record_label's arguments.
         For programmatic labelers, where one fsync per label would dominate."""
-        items, now = list(items), time.time()
-        with self._write() as db:
-            ids = []
-            for i, item in enumerate(items):
-                try:
-                    ids.append(db.insert_action("labels", now, **item))
-                except (ValueError, KeyError) as e:
-                    if len(items) == 1:
-                        raise
-                    raise type(e)(f"item {i}: {e.args[0]}") from e
-            return ids
+        return self._record("labels", items, batch=True)
 
     def record_skip(self, comparison_id, labeler, *, permutation=None, shown_at=None, note=None) -> int:
         """Store that `labeler` saw a comparison and declined to pick (e.g. all responses equally bad)."""
+        item = {"comparison_id": comparison_id, "best": None, "labeler": labeler, "permutation": permutation,
+                "shown_at": shown_at, "note": note}
+        return self._record("skips", [item], batch=False)[0]
+
+    def _record(self, table, items, batch) -> list[int]:
+        """Check every item, then insert them all in one transaction: one bad item refuses the batch, and the
+        error names its index."""
+        rows = []
+        for i, item in enumerate(items):
+            where = f"item {i}: " if batch else ""
+            try:
+                rows.append(_action_row(**item, is_label=table == "labels"))
+            except TypeError as e:
+                raise TypeError(f"{where}{e}; expected keys {_RECORD_KEYS}") from e
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from e
+        now = time.time()
         with self._write() as db:
-            return db.insert_action(
-                "skips", time.time(), comparison_id=comparison_id, best=None, labeler=labeler,
-                permutation=permutation, shown_at=shown_at, note=note,
-            )
+            # The checks that need the file (does the comparison exist, how many responses), still before any write.
+            ks = dict(db.execute("SELECT id, k FROM comparisons WHERE id IN (SELECT value FROM json_each(?))",
+                                 (json.dumps([r[0] for r in rows]),)))
+            for i, row in enumerate(rows):
+                where = f"item {i}: " if batch else ""
+                try:
+                    rows[i] = _fit_action(row, ks)
+                except KeyError as e:
+                    raise KeyError(f"{where}{e.args[0]}") from None
+                except ValueError as e:
+                    raise ValueError(f"{where}{e}") from None
+            return db.insert_actions(table, rows, now)
 
     def undo(self, labeler) -> dict | None:
         """Retract `labeler`'s most recent label or skip that is not yet retracted. Calling it again undoes
@@ -364,6 +399,7 @@ class LabelStore:
 
     def retract_label(self, label_id, labeler) -> None:
         """Retract one label, recording `labeler` as who retracted it. The row stays in the file."""
+        _check_labeler(labeler)
         with self._write() as db:
             if db.execute("SELECT 1 FROM labels WHERE id = ?", (label_id,)).fetchone() is None:
                 raise KeyError(f"no label with id {label_id} in {self.path}")
@@ -544,15 +580,22 @@ class LabelStore:
             raise LabelStoreError(f"{path} is not JSON ({e}); expected {expected}") from e
         if not isinstance(data, list):
             raise LabelStoreError(f"{path} holds a JSON {type(data).__name__}; expected {expected}")
-        # Decode everything before taking the write lock: a tokenizer can be slow, other writers should not wait.
+        if not data:
+            raise LabelStoreError(f"{path} holds an empty list: no labels to import; expected {expected}")
+        _check_labeler(labeler)
+        # Decode and check everything before taking the write lock: a tokenizer can be slow, other writers
+        # should not wait, and one bad row refuses the whole file.
         rows = []
         for i, row in enumerate(data):
             query, samples, best = _parse_openai_row(row, i, path, expected)
-            comparison = _comparison_row(
-                task, tokenizer.decode(query), [tokenizer.decode(s) for s in samples],
-                query_tokens=query, response_tokens=samples, sources="openai",
-                extra={"imported_from": str(path), "import_sha256": digest, "row": i},
-            )
+            try:
+                comparison = _comparison_row(
+                    task, tokenizer.decode(query), [tokenizer.decode(s) for s in samples],
+                    query_tokens=query, response_tokens=samples, sources="openai",
+                    extra={"imported_from": str(path), "import_sha256": digest, "row": i},
+                )
+            except ValueError as e:
+                raise LabelStoreError(f"{path} row {i}: {e}. Nothing was imported.") from e
             rows.append((comparison, best))
         now = time.time()
         with self._write() as db:
@@ -561,9 +604,10 @@ class LabelStore:
                 (task, digest),
             ).fetchone()[0]
             if not already:
-                for comparison, best in rows:
-                    cid = db.insert_comparison(comparison, now)
-                    db.insert_action("labels", now, comparison_id=cid, best=best, labeler=labeler)
+                cids = [db.insert_comparison(comparison, now) for comparison, _ in rows]
+                k = operator.itemgetter(4)  # the comparison row's k
+                db.insert_actions("labels", [(cid, best, list(range(k(c))), labeler, None, None)
+                                             for cid, (c, best) in zip(cids, rows)], now)
         if already:
             # Re-running a notebook cell must not double every label.
             warnings.warn(f"{path} was already imported into task {task!r} ({already} comparisons); "
@@ -573,7 +617,7 @@ class LabelStore:
 
     def integrity_check(self) -> str:
         """SQLite's full consistency check plus the foreign keys: "ok" when the file is healthy."""
-        with self._read() as db:
+        with self._read() as db:  # damage SQLite cannot walk past raises LabelStoreError
             result = "\n".join(r[0] for r in db.execute("PRAGMA integrity_check"))
             broken = db.execute("PRAGMA foreign_key_check").fetchall()
         if broken:
@@ -603,81 +647,209 @@ class _Tx:
         )
         return cur.lastrowid
 
-    def insert_action(self, table, now, *, comparison_id, best, labeler, permutation=None, shown_at=None,
-                      note=None) -> int:
-        found = self.conn.execute("SELECT k FROM comparisons WHERE id = ?", (comparison_id,)).fetchone()
-        if found is None:
-            raise KeyError(f"no comparison with id {comparison_id}; add it with add_comparison() first")
-        k = found[0]
-        if not isinstance(labeler, str) or not labeler:
-            raise ValueError(f"labeler must be a non-empty string naming who labeled, got {labeler!r}")
-        permutation = list(range(k)) if permutation is None else [operator.index(p) for p in permutation]
-        if sorted(permutation) != list(range(k)):
-            raise ValueError(f"permutation must list each of 0..{k - 1} once (display position -> stored "
-                             f"index) for comparison {comparison_id}, got {permutation}")
-        if shown_at is not None and not math.isfinite(shown_at):
-            raise ValueError(f"shown_at must be a unix time in seconds or None, got {shown_at!r}")
-        if note is not None and not isinstance(note, str):
-            raise ValueError(f"note must be a string or None, got {type(note).__name__}")
-        action_id = self.conn.execute(_NEXT_ACTION_ID).fetchone()[0]
-        common = (comparison_id, json.dumps(permutation), labeler, shown_at, now, note)
+    def insert_actions(self, table, rows, now) -> list[int]:
+        """Insert checked label rows (table "labels") or skip rows ("skips"); returns their ids."""
+        first = self.conn.execute(_NEXT_ACTION_ID).fetchone()[0]
+        ids = list(range(first, first + len(rows)))
         if table == "labels":
-            try:
-                best = operator.index(best)  # accepts numpy and torch integers, refuses floats
-            except TypeError:
-                raise ValueError(f"best must be an int index into the responses, got {best!r}") from None
-            if not 0 <= best < k:
-                raise ValueError(f"best={best} is out of range: comparison {comparison_id} has {k} responses "
-                                 f"(0..{k - 1}, stored order)")
-            self.conn.execute(
-                """INSERT INTO labels (id, best, comparison_id, permutation, labeler, shown_at, submitted_at, note)
+            self.conn.executemany(
+                """INSERT INTO labels (id, comparison_id, best, permutation, labeler, shown_at, submitted_at, note)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (action_id, best, *common),
+                [(i, cid, best, json.dumps(perm), who, shown, now, note)
+                 for i, (cid, best, perm, who, shown, note) in zip(ids, rows)],
             )
         else:
-            self.conn.execute(
+            self.conn.executemany(
                 """INSERT INTO skips (id, comparison_id, permutation, labeler, shown_at, submitted_at, note)
                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                (action_id, *common),
+                [(i, cid, json.dumps(perm), who, shown, now, note)
+                 for i, (cid, _, perm, who, shown, note) in zip(ids, rows)],
             )
-        return action_id
+        return ids
 
 
-def _refuse_foreign_file(path: Path):
-    """Raise LabelStoreError unless `path` is missing, empty, an empty SQLite db, or a labkit store.
-    Reads only: a file that is not ours must come out of this byte-for-byte unchanged."""
+def _action_row(comparison_id, best, labeler, permutation=None, shown_at=None, note=None, *, is_label) -> tuple:
+    """Check a label's (is_label) or skip's arguments as far as possible without the file; return
+    (comparison_id, best, permutation, labeler, shown_at, note)."""
+    comparison_id = _index(comparison_id, "comparison_id", "an int id returned by add_comparison")
+    if is_label:
+        best = _index(best, "best", "an int index into the comparison's responses (0..k-1, stored order)")
+    _check_labeler(labeler)
+    if permutation is not None:
+        if isinstance(permutation, (str, bytes)):
+            raise ValueError(f"permutation must be a list of ints (display position -> stored index), got {permutation!r}")
+        permutation = [_index(p, "permutation", "a list of ints (display position -> stored index)")
+                       for p in permutation]
+    if shown_at is not None and (isinstance(shown_at, bool) or not isinstance(shown_at, (int, float))
+                                 or not math.isfinite(shown_at)):
+        raise ValueError(f"shown_at must be a unix time in seconds (e.g. time.time()) or None, got {shown_at!r}")
+    if note is not None and not isinstance(note, str):
+        raise ValueError(f"note must be a string or None, got {type(note).__name__}")
+    return comparison_id, best, permutation, labeler, shown_at, note
+
+
+def _fit_action(row, ks) -> tuple:
+    """Check an _action_row against its comparison's k (ks: comparison id -> k); fill in the default permutation."""
+    comparison_id, best, permutation, *rest = row
+    if comparison_id not in ks:
+        raise KeyError(f"no comparison with id {comparison_id}; add it with add_comparison() first")
+    k = ks[comparison_id]
+    if best is not None and not 0 <= best < k:
+        raise ValueError(f"best={best} is out of range: comparison {comparison_id} has {k} responses "
+                         f"(0..{k - 1}, stored order)")
+    permutation = list(range(k)) if permutation is None else permutation
+    if sorted(permutation) != list(range(k)):
+        raise ValueError(f"permutation must list each of 0..{k - 1} once (display position -> stored "
+                         f"index) for comparison {comparison_id}, got {permutation}")
+    return comparison_id, best, permutation, *rest
+
+
+def _index(value, name, expected) -> int:
+    """An int from an int, numpy or torch integer; refuses bools (True is not response 1), floats and strings."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_labeler(labeler):
+    if not isinstance(labeler, str) or not labeler.strip():
+        raise ValueError(f"labeler must be a non-empty string naming who labeled, got {labeler!r}")
+
+
+def _ro_uri(path: Path) -> str:
+    """A read-only URI for `path`. In a folder we cannot write, SQLite cannot create the PATH-shm index a WAL
+    reader needs; when there is no PATH-wal either, every committed row is in the file itself, so it is read
+    as immutable (no locks, no side files)."""
+    uri = f"{path.as_uri()}?mode=ro"
+    if not os.access(path.parent, os.W_OK) and not Path(f"{path}-wal").exists():
+        uri += "&immutable=1"
+    return uri
+
+
+def _connect(path: Path, read_only: bool):
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each write is exactly one transaction.
+    conn = sqlite3.connect(_ro_uri(path) if read_only else path, uri=read_only, timeout=BUSY_TIMEOUT_S,
+                           isolation_level=None, check_same_thread=False)
+    # fsync at every commit, not only at checkpoints: a label whose id was returned survives a power cut (a
+    # SIGKILL cannot tell this from OFF: the OS still has the page; a power cut can). EXTRA is FULL in WAL mode,
+    # and in the rare rollback-journal session it also syncs the folder after the journal is deleted, without
+    # which a power cut can bring the journal back and roll back a commit.
+    conn.execute("PRAGMA synchronous=EXTRA")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def _check_existing_file(path: Path, read_only: bool) -> bool:
+    """Raise LabelStoreError unless `path` is missing, empty, an empty SQLite db, or a healthy labkit store.
+    Reads only: a file that is refused comes out of this byte-for-byte unchanged. (SQLite's read-only open of a
+    WAL-mode file may leave an empty PATH-wal and a PATH-shm beside it, which change nothing; only SQLite's
+    last writer can know that deleting them is safe.)
+
+    Returns True when SQLite must first roll back a transaction a crashed program left unfinished (a hot
+    PATH-journal): only a writable connection can, on its first read, so the caller checks the file then."""
     if not path.exists():
-        return
+        if read_only:
+            raise LabelStoreError(f"{path} does not exist; read_only=True opens an existing label store. "
+                                  "Check the path, or drop read_only=True to create a new store there.")
+        return False
     what_to_do = "Pass a new path to LabelStore (it creates the file), or restore this file from a backup."
     if not path.is_file():
         raise LabelStoreError(f"{path} is not a regular file. {what_to_do}")
     with open(path, "rb") as f:
         header = f.read(100)
     if len(header) == 0:
-        return  # an empty file (e.g. made by tempfile) holds nothing to lose
+        wal = Path(f"{path}-wal")
+        if wal.exists() and wal.stat().st_size:
+            # SQLite would delete that log on open (it cannot belong to an empty file): it may hold the labels.
+            raise LabelStoreError(
+                f"{path} is empty, but its write-ahead log {wal.name} holds {wal.stat().st_size:,} bytes: the "
+                "store was probably cut short (an interrupted copy, a full disk). It is damaged; nothing was "
+                "written to it and the file was not changed. Restore the store from a backup, and keep both files "
+                "as they are until then: any SQLite program that opens the empty file deletes the log."
+            )
+        if read_only:
+            raise LabelStoreError(f"{path} is empty: it holds no labels to read (read_only=True)")
+        return False  # a zero-length file (e.g. from tempfile.mkstemp) holds nothing to lose: it becomes a store
     if not header.startswith(_SQLITE_MAGIC):
         raise LabelStoreError(f"{path} is not an SQLite database (its first bytes are {header[:16]!r}), so it "
                               f"is not a labkit label store. The file was not changed. {what_to_do}")
     # Ask SQLite itself, read-only: after a crash the newest header may still sit in the -wal file.
     try:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        conn = sqlite3.connect(_ro_uri(path), uri=True, timeout=BUSY_TIMEOUT_S)
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            _inspect(conn, path, read_only)
         finally:
             conn.close()
     except sqlite3.Error as e:
-        raise LabelStoreError(f"{path} looks like SQLite but cannot be read ({e}); it may be corrupt. "
-                              f"The file was not changed. {what_to_do}") from e
+        ours = int.from_bytes(header[68:72], "big") == APPLICATION_ID  # PRAGMA application_id, from the header
+        if getattr(e, "sqlite_errorcode", None) == _SQLITE_READONLY_ROLLBACK:  # Python >= 3.11
+            if ours and not read_only:
+                return True  # our own store, left mid-transaction by a crash: SQLite's recovery is safe
+            raise LabelStoreError(
+                f"{path} holds a transaction a crashed program left unfinished ({path.name}-journal), which only "
+                "a writable open can roll back. The file was not changed. "
+                + ("Open it once with LabelStore(path) (without read_only=True), or read a copy."
+                   if ours else "Open it with the program that made it.")
+            ) from e
+        raise LabelStoreError(_explain(e, path, "read")) from e
+    return False
+
+
+def _inspect(conn, path: Path, read_only: bool):
+    """Refuse a database that is not a labkit store or that SQLite finds damaged (sqlite3.Error for damage
+    SQLite cannot read past). The application id comes first, so another program's large database is not
+    scanned."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
         raise LabelStoreError(_too_new(path, version))
-    if app_id == APPLICATION_ID or (app_id == 0 and not tables):
-        return
-    raise LabelStoreError(
-        f"{path} is an SQLite database of another application (application_id={app_id:#x}, tables "
-        f"{tables[:5]}), not a labkit label store. The file was not changed. {what_to_do}"
-    )
+    if not (app_id == APPLICATION_ID or (app_id == 0 and not tables)):
+        raise LabelStoreError(
+            f"{path} is an SQLite database of another application (application_id={app_id:#x}, tables "
+            f"{tables[:5]}), not a labkit label store. The file was not changed. Pass a new path to LabelStore "
+            "(it creates the file), or restore this file from a backup."
+        )
+    # integrity_check rather than quick_check: it also checks that each index matches its table (pending()
+    # and labels(labeler=) read through them), for a little more time; both read the whole file once.
+    problems = [r[0] for r in conn.execute("PRAGMA integrity_check(5)")]
+    if problems != ["ok"]:
+        raise LabelStoreError(_damaged(path, "; ".join(problems).replace("\n", " ")))
+    if read_only and version < SCHEMA_VERSION:
+        raise LabelStoreError(f"{path} is an empty SQLite database: it holds no labels to read (read_only=True)")
+
+
+def _file_problem(e: sqlite3.Error, path: Path) -> str | None:
+    """The message for an SQLite error that means the file is damaged or read-only; None for other errors."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # Python >= 3.11; before that, SQLite's wording
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in str(e) or "not a database" in str(e):
+        return _damaged(path, str(e))
+    if code == _SQLITE_READONLY or "readonly database" in str(e):
+        return _read_only_message(path, f"SQLite says {e}")
+    return None
+
+
+def _explain(e: sqlite3.Error, path: Path, doing: str) -> str:
+    """LabelStoreError's message for an error SQLite raised while we tried to `doing` the file."""
+    return _file_problem(e, path) or (
+        f"could not {doing} {path}: {e}. Nothing was written to it. If another program holds the file, close "
+        "it and retry; if the disk is full or the folder read-only, free space or pick another path.")
+
+
+def _damaged(path, detail):
+    return (f"{path} is damaged and cannot be read as a label store (SQLite: {detail}). The file was not changed: "
+            "nothing was written to it. Restore it from a backup or a copy. To salvage the rows that are still "
+            f"readable: `sqlite3 '{path}' .recover | sqlite3 salvaged.db` (the sqlite3 command-line tool; "
+            ".recover keeps the labkit header), then check it with LabelStore('salvaged.db', read_only=True).")
+
+
+def _read_only_message(path, why):
+    return (f"{path} is read-only: {why}. Nothing was written to it. To add labels, copy it (with its -wal "
+            "file, if any) somewhere writable and open the copy; to only read it, open it with "
+            "LabelStore(path, read_only=True).")
 
 
 def _too_new(path, version):
@@ -685,15 +857,22 @@ def _too_new(path, version):
             "Upgrade labkit to open it. The file was not changed.")
 
 
-def _comparison_row(task, query, responses, query_tokens=(), response_tokens=None, sources="unknown",
+def _comparison_row(task, query, responses, query_tokens=None, response_tokens=None, sources="unknown",
                     kind="train", reference=None, extra=None) -> tuple:
     """Validate add_comparison's arguments; return the column values in insert order."""
-    if not isinstance(task, str) or not task:
+    if not isinstance(task, str) or not task.strip():
         raise ValueError(f"task must be a non-empty string such as 'sentiment', got {task!r}")
-    if not isinstance(kind, str) or not kind:
+    if not isinstance(kind, str) or not kind.strip():
         raise ValueError(f"kind must be a non-empty string such as 'train' or 'validation', got {kind!r}")
     if not isinstance(query, str):
         raise ValueError(f"query must be the query text (a str), got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError(f"query is {'empty' if not query else 'only whitespace'} ({query!r}): a labeler needs "
+                         "the text the responses answer")
+    if query_tokens is not None:  # not given: stored as []
+        query_tokens = _token_list(query_tokens, "query_tokens")
+        if not query_tokens:
+            raise ValueError("query_tokens is an empty list: pass the query's token ids, or leave it out")
     if isinstance(responses, str):
         raise ValueError("responses must be a list of strings (the response texts), got one string")
     responses = list(responses)
@@ -707,6 +886,12 @@ def _comparison_row(task, query, responses, query_tokens=(), response_tokens=Non
     response_tokens = [_token_list(t, f"response_tokens[{i}]") for i, t in enumerate(response_tokens)]
     if len(response_tokens) != k:
         raise ValueError(f"response_tokens has {len(response_tokens)} entries but there are {k} responses")
+    for i, (text, tokens) in enumerate(zip(responses, response_tokens)):
+        # A sample whose tokens all decode to nothing (e.g. only end-of-text tokens) is a real, judgeable
+        # response; an empty text with no tokens is a bug upstream. Whitespace is kept: "\n" can be a sample.
+        if not text and not tokens:
+            raise ValueError(f"responses[{i}] is empty and has no tokens: pass the response text (or, for a "
+                             "sample that decodes to no text, its response_tokens)")
     sources = [sources] * k if isinstance(sources, str) else list(sources)
     if len(sources) != k or not all(isinstance(s, str) for s in sources):
         raise ValueError(f"sources must be one string or a list of {k} strings (one per response), got {sources!r}")
@@ -716,10 +901,11 @@ def _comparison_row(task, query, responses, query_tokens=(), response_tokens=Non
     if not isinstance(extra, dict):
         raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
     try:
-        extra_json = json.dumps(extra)
-    except TypeError as e:
+        # allow_nan=False: SQLite's JSON functions (import_openai_labels' duplicate check) reject NaN
+        extra_json = json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as e:
         raise ValueError(f"extra must be JSON-serialisable (str, numbers, lists, dicts): {e}") from e
-    return (task, kind, query, json.dumps(_token_list(query_tokens, "query_tokens")), k, json.dumps(responses),
+    return (task, kind, query, json.dumps(query_tokens or []), k, json.dumps(responses),
             json.dumps(response_tokens), json.dumps(sources), reference, extra_json)
 
 
@@ -744,6 +930,10 @@ def _parse_openai_row(row, i, path, expected):
         samples = [_token_list(row[f"sample{j}"], f"sample{j}") for j in range(k)]
     except ValueError as e:
         raise LabelStoreError(f"{path} row {i}: {e}; expected {expected}") from e
+    empty = [name for name, tokens in (("query", query), *((f"sample{j}", s) for j, s in enumerate(samples)))
+             if not tokens]
+    if empty:
+        raise LabelStoreError(f"{path} row {i}: {', '.join(empty)} is an empty token list; expected {expected}")
     best = row["best"]
     if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < k:
         raise LabelStoreError(f"{path} row {i}: best={best!r} must be an int in 0..{k - 1}; expected {expected}")

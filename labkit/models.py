@@ -163,6 +163,48 @@ def load_tokenizer(name: str = EMBEDDED):
 
 
 # --------------------------------------------------------------------------------------------------
+# identities: what a checkpoint or a reward model records, so that resuming into another model is refused
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and the special tokens' ids: equal exactly when two tokenizers
+    turn the same text into the same ids. Two tokenizers of one vocabulary size are not enough alike."""
+    import hashlib
+    import json
+
+    specials = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
+    text = json.dumps([sorted(tokenizer.get_vocab().items()), specials], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """sha256 of each parameter's name, shape, dtype and float64 sum (10 significant digits, so that the
+    reduction order of another thread count does not change it). Tells a model from another with the same
+    shapes (gpt2 from a fine-tuned gpt2): one pass over the weights, ~0.1 s at 135M on a CPU."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        total = torch.sum(p.detach(), dtype=torch.float64).item()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{total:.10g};".encode())
+    return h.hexdigest()[:16]
+
+
+def model_identity(model, tokenizer) -> dict:
+    """What a checkpoint records about the model it was trained from (compared on resume, `same_model`)."""
+    config = getattr(model, "config", None)
+    return {"name": getattr(config, "_name_or_path", "") or "", "model_type": getattr(config, "model_type", ""),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "weights": weights_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """The fields of two `model_identity`s that differ, as "field: saved -> current" lines."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------
 # models
 
 

@@ -105,11 +105,16 @@ def linear_decay_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -
 
 def gradients_are_finite(params) -> bool:
     """No NaN or inf in this process's gradients of `params`: checked before an optimiser step, which would
-    spread one NaN into every weight it touches (and Adam's moments) for good. One fused norm per parameter,
-    one sync. A sharded (DTensor) gradient is checked on this process's shard: combine the answers over the
-    processes (`distributed.on_every_process`)."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-    if not grads:
+    spread one NaN into every weight it touches (and Adam's moments) for good. A sharded (DTensor) gradient
+    is checked on this process's shard: combine the answers over the processes (`distributed.on_every_process`)."""
+    return tensors_are_finite([p.grad for p in params if p.grad is not None])
+
+
+def tensors_are_finite(tensors) -> bool:
+    """No NaN or inf in any of `tensors` (this process's shard of a DTensor): one fused norm per tensor, one
+    sync."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    if not local:
         return True
-    norms = torch._foreach_norm(grads)  # inf or NaN exactly when an entry is
+    norms = torch._foreach_norm([t.detach() for t in local])  # inf or NaN exactly when an entry is
     return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())

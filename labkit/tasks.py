@@ -11,6 +11,11 @@ import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from labkit.checks import above, at_least, check_types, fail, finite, non_empty, one_of
+
+PROMPT_SOURCES = ("passages", "tldr", "cnndm")
+"""The prompt column sets labkit.data reads (its `_COLUMNS`; it imports this module, so they are listed here)."""
+
 
 @dataclass(frozen=True)
 class TruncationRule:
@@ -21,6 +26,11 @@ class TruncationRule:
     followed by a letter or digit (so ".com" or "3.5" do not end a sentence)."""
     after: int
     """Only tokens at response index >= after can truncate (the paper: 16 for style, 55 for summaries)."""
+
+    def __post_init__(self):
+        check_types(self)
+        non_empty(self, "text", "an empty text would match every token")
+        at_least(self, "after", 0)
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,23 @@ class Task:
     kl_target: float | None = 6.0
     """Target KL in nats for the adaptive controller; None means fixed beta (the code's summary setting)."""
 
-    def with_(self, **changes) -> "Task":
+    def __post_init__(self):
+        """Refuse bad settings now, before any sampling (labkit.checks). A truncation `after` at or beyond
+        response_length is allowed: every response is then penalised (tests use it on purpose)."""
+        check_types(self)
+        non_empty(self, "name", "it names the task in the label store and in file names")
+        one_of(self, "prompt_source", PROMPT_SOURCES, "the prompt columns labkit.data reads")
+        at_least(self, "query_length", 1)
+        at_least(self, "response_length", 1)
+        above(self, "temperature", 0, "logits are divided by it; use a small value such as 0.01 for near-greedy")
+        finite(self, "penalty")
+        at_least(self, "init_beta", 0)
+        above(self, "kl_target", 0, "target KL in nats; None = a fixed beta")
+        if self.init_beta == 0 and self.kl_target is not None:  # the controller multiplies beta: 0 stays 0
+            fail(self, "init_beta", "a beta of 0 never moves under the adaptive controller (it multiplies beta); "
+                 "set kl_target=None for a fixed beta of 0, or init_beta > 0.")
+
+    def with_(self, **changes) -> Task:
         """A copy with some fields changed, e.g. `SENTIMENT.with_(response_length=16)`."""
         return replace(self, **changes)
 

@@ -10,8 +10,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from browser import (
+    chromium_or_skip,
+    jupyterlab,
+    launch_chromium,
+    open_notebook,
+    wait_for,
+)
 
-from browser import chromium_or_skip, jupyterlab, launch_chromium, open_notebook, wait_for
+from labkit.rl.checkpoint import latest
 
 pytestmark = pytest.mark.browser
 
@@ -98,4 +105,4 @@ def test_quickstart_labels_trains_and_plots_in_jupyterlab(tmp_path, monkeypatch)
     db = sqlite3.connect(tmp_path / "runs/quickstart-smoke/labels.db")
     mine = db.execute("SELECT COUNT(*) FROM labels WHERE labeler = 'me'").fetchone()[0]
     assert mine == 2
-    assert (tmp_path / "runs/quickstart-smoke/ppo/checkpoint/trainer.json").exists()
+    assert (latest(tmp_path / "runs/quickstart-smoke/ppo") / "trainer.json").exists()

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from labkit import distributed
+from labkit.rl.checkpoint import latest
 
 TINY_TASK = {"response_length": 4, "query_length": 16, "truncation": None}
 WORDS = ["table", "window", "river", "stone", "paper", "green", "seven"]
@@ -32,8 +33,8 @@ WORDS = ["table", "window", "river", "stone", "paper", "green", "seven"]
 
 
 def _ppo_job(tmp_path):
-    from labkit.scale.jobs import PPOJob
     from labkit.rl import PPOConfig
+    from labkit.scale.jobs import PPOJob
 
     return PPOJob(run_dir=str(tmp_path / "run"), n_updates=3, model="tiny", task="sentiment",
                   task_overrides={"response_length": 4, "truncation": {"text": ".", "after": 2}},
@@ -42,8 +43,8 @@ def _ppo_job(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
 def test_jobs_round_trip_through_yaml_and_json(tmp_path, suffix):
-    from labkit.scale.jobs import PPOJob, RewardJob
     from labkit.reward import RewardConfig
+    from labkit.scale.jobs import PPOJob, RewardJob
     from labkit.tasks import TruncationRule
 
     job = _ppo_job(tmp_path)
@@ -265,10 +266,10 @@ def _digest(stdout: str) -> str:
 
 @pytest.fixture(scope="module")
 def workdir():
-    from labkit.scale.jobs import PPOJob, RewardJob
     from labkit.labeling.store import LabelStore
-    from labkit.rl import PPOConfig
     from labkit.reward import RewardConfig
+    from labkit.rl import PPOConfig
+    from labkit.scale.jobs import PPOJob, RewardJob
 
     with tempfile.TemporaryDirectory(prefix="labkit-dist-") as tmp:
         root = Path(tmp)
@@ -302,9 +303,9 @@ def workdir():
 
 @pytest.mark.slow
 def test_train_reward_on_two_processes_equals_one_process_on_the_same_batches(workdir):
+    from labkit.reward import RewardModel
     from labkit.scale.cli import train_reward
     from labkit.scale.jobs import RewardJob
-    from labkit.reward import RewardModel
 
     stdout = _launch("train-reward", "rm2.yaml", "--check-sync", cwd=workdir)
     local, total, how = _layout(stdout, "reward model")
@@ -336,7 +337,7 @@ def test_ppo_on_two_processes_writes_once_keeps_weights_identical_and_resumes(wo
     run = workdir / "ppo"
 
     def checkpoint_digest():
-        tensors = load_file(str(run / "checkpoint" / "state.safetensors"))
+        tensors = load_file(str(latest(run) / "state.safetensors"))
         return distributed.weights_digest(tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors)))
 
     assert _digest(stdout) == checkpoint_digest()
@@ -344,7 +345,7 @@ def test_ppo_on_two_processes_writes_once_keeps_weights_identical_and_resumes(wo
     assert [m["step"] for m in rows] == [1, 2]  # once per update, not once per process
     assert [m["episodes"] for m in rows] == [8, 16]  # 2 processes x 4 rollouts
     assert rows[0]["objective/kl"] == 0.0 and rows[1]["objective/kl"] != 0.0
-    meta = json.loads((run / "checkpoint" / "trainer.json").read_text())
+    meta = json.loads((latest(run) / "trainer.json").read_text())
     assert meta["world_size"] == 2 and meta["process_numpy_rng"][0] != meta["process_numpy_rng"][1]
     assert len(Dashboard.from_jsonl(run / "metrics.jsonl").history) == 2  # what the notebook plots
 
@@ -353,7 +354,7 @@ def test_ppo_on_two_processes_writes_once_keeps_weights_identical_and_resumes(wo
     assert "1 of 3 updates to go" in stdout and _digest(stdout) == checkpoint_digest()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [1, 2, 3]
-    assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 3
+    assert json.loads((latest(run) / "trainer.json").read_text())["step"] == 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def test_ppo_on_two_processes_writes_once_keeps_weights_identical_and_resumes(wo
 def _checkpoint(run: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(run / "checkpoint" / "state.safetensors"))
+    return load_file(str(latest(run) / "state.safetensors"))
 
 
 @pytest.mark.slow
@@ -434,7 +435,7 @@ def test_ppo_sharded_with_fsdp_equals_the_data_parallel_run_and_resumes(workdir)
     stdout = _launch("ppo", "ppo_fsdp3.json", "--check-sync", cwd=workdir, config="fsdp.yaml")
     assert "1 of 3 updates to go" in stdout
     resumed = _checkpoint(workdir / "ppo_fsdp")
-    assert json.loads((workdir / "ppo_fsdp" / "checkpoint" / "trainer.json").read_text())["step"] == 3
+    assert json.loads((latest(workdir / "ppo_fsdp") / "trainer.json").read_text())["step"] == 3
     assert _digest(stdout) == distributed.weights_digest(resumed[f"param.{i}"] for i in range(n_params))
     assert any(not torch.equal(resumed[f"param.{i}"], fsdp[f"param.{i}"]) for i in range(n_params))
 

@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from labkit.rl.checkpoint import latest
+
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
@@ -35,7 +37,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     assert not errors
     if path.name == "00_quickstart.ipynb":
         # rerunning the notebook continues: labels, reward model and PPO checkpoint are reused, not redone
-        saved = json.loads((tmp_path / "runs/quickstart-smoke/ppo/checkpoint/trainer.json").read_text())
+        saved = json.loads((latest(tmp_path / "runs/quickstart-smoke/ppo") / "trainer.json").read_text())
         assert saved["config"]["lora_r"] > 0  # smoke mode runs the notebook's own path: LoRA, rho = adapters off
         nb2 = execute(tmp_path / path.name, tmp_path)
         text = "".join(o.get("text", "") for c in nb2.cells if c.cell_type == "code" for o in c.outputs)

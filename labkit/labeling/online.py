@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labkit.checks import at_least, check_types
 from labkit.labeling.comparisons import comparison_item, rollout_rows
 from labkit.data import Prompt
 from labkit.evaluate import win_rate_from_store
@@ -64,8 +65,14 @@ class OnlineConfig:
     """Seeds which prompts new comparisons use and the sampling of their responses."""
 
     def __post_init__(self):
-        if self.refit_every_labels < 1:
-            raise ValueError(f"refit_every_labels must be >= 1, got {self.refit_every_labels}")
+        """Refuse bad settings now, before any sampling (labkit.checks). Any validation_per_round is fine: each
+        validation comparison takes K/2 responses from each model, whatever their number."""
+        check_types(self)  # reward_config must be a RewardConfig (which checked its own fields)
+        at_least(self, "comparisons_per_round", 0)
+        at_least(self, "validation_per_round", 0)
+        at_least(self, "refit_every_labels", 1)
+        at_least(self, "ppo_updates_per_round", 1)
+        at_least(self, "seed", 0)
 
 
 def _text(prompt: Prompt | str) -> str:

@@ -19,10 +19,20 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from labkit import distributed
-from labkit.sampling import batch_slices, is_sharded, left_pad_mask, lm_forward, pad_left, positions, sample, unwrap
+from labkit.models import tokenizer_fingerprint
+from labkit.sampling import (
+    batch_slices,
+    is_sharded,
+    left_pad_mask,
+    lm_forward,
+    pad_left,
+    positions,
+    sample,
+    unwrap,
+)
 from labkit.tasks import Task, format_query
 
 
@@ -45,6 +55,7 @@ class RewardModel(nn.Module):
         # Set by `normalize`, not by gradient descent.
         self.register_buffer("gain", torch.ones((), device=p.device))
         self.register_buffer("bias", torch.zeros((), device=p.device))
+        self.task_name: str | None = None  # the task `normalize` set it up for; saved, and checked by `check_fits`
 
     @property
     def device(self):
@@ -171,6 +182,7 @@ class RewardModel(nn.Module):
         std = std.clamp(min=1e-6)
         self.gain.fill_(1 / std)
         self.bias.fill_(-mean / std)
+        self.task_name = task.name
         return {"raw_mean": mean.item(), "raw_std": std.item()}
 
     # ---- save / load (no pickle) ---------------------------------------------------------------
@@ -191,12 +203,30 @@ class RewardModel(nn.Module):
         base.config.to_json_file(folder / "lm_config.json")
         save_file(state, str(folder / "reward_model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder / "tokenizer")
-        (folder / "reward_config.json").write_text(json.dumps({"format": "labkit-reward-model", "version": 1,
-                                                               "gain": self.gain.item(), "bias": self.bias.item()}))
+        (folder / "reward_config.json").write_text(json.dumps({
+            "format": "labkit-reward-model", "version": 2, "gain": self.gain.item(), "bias": self.bias.item(),
+            "task": self.task_name, "tokenizer": tokenizer_fingerprint(self.tokenizer)}))
         return folder
 
+    def check_fits(self, task: Task, tokenizer, policy) -> None:
+        """Refuse to score a policy this reward model was not made for: another task (its normalisation and
+        training are the task's), another tokenizer (it would read the policy's token ids as other words), or
+        a vocabulary smaller than the ids the policy can sample."""
+        if self.task_name is not None and self.task_name != task.name:
+            raise ValueError(f"This reward model was trained for the task {self.task_name!r}, and this run is "
+                             f"{task.name!r}: train one on {task.name!r} labels (or pass the matching task).")
+        if tokenizer_fingerprint(self.tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise ValueError("This reward model's tokenizer is not the policy's (their vocabularies or special "
+                             "tokens differ): it would read the policy's token ids as other words. Train the "
+                             "reward model on the policy's base model (reward_model_from_lm(rho, tokenizer)).")
+        rows = self.lm.get_input_embeddings().num_embeddings
+        sampled = unwrap(policy).get_output_embeddings().out_features
+        if rows < sampled:
+            raise ValueError(f"The policy can sample token ids up to {sampled - 1}, but this reward model's embedding "
+                             f"has only {rows} rows: use a reward model built on the policy's base model.")
+
     @classmethod
-    def load(cls, folder, device=None, dtype=None, speedups: bool | None = None) -> "RewardModel":
+    def load(cls, folder, device=None, dtype=None, speedups: bool | None = None) -> RewardModel:
         """A reward model saved with `save`; `speedups` as in `models.load_lm`."""
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -206,7 +236,8 @@ class RewardModel(nn.Module):
 
         folder = Path(folder)
         meta = folder / "reward_config.json"
-        if not meta.exists() or json.loads(meta.read_text()).get("format") != "labkit-reward-model":
+        saved = json.loads(meta.read_text()) if meta.exists() else {}
+        if saved.get("format") != "labkit-reward-model":
             raise FileNotFoundError(f"{folder} is not a saved labkit reward model (no reward_config.json). "
                                     "Save one with `reward_model.save(folder)`.")
         dev = pick_device(device)
@@ -216,6 +247,11 @@ class RewardModel(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         _setup_tokenizer(tokenizer)
         rm = cls(lm, tokenizer)
+        rm.task_name = saved.get("task")  # None for a version-1 file: its task was not recorded
+        saved_tokenizer = saved.get("tokenizer")
+        if saved_tokenizer is not None and saved_tokenizer != tokenizer_fingerprint(tokenizer):
+            raise ValueError(f"{folder}/tokenizer is not the tokenizer this reward model was trained with (its "
+                             "fingerprint differs from the one recorded in reward_config.json): restore it.")
         load_model(rm, str(folder / "reward_model.safetensors"))
         rm.to(device=dev, dtype=pick_dtype(dev, dtype))
         rm.gain.data = rm.gain.float()

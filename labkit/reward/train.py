@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit import distributed
+from labkit.checks import above, at_least, check_types, in_range, one_of
 from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
 from labkit.reward.model import RewardModel
 
@@ -36,6 +37,18 @@ class RewardConfig:
     """"tf_adam" (TensorFlow's eps semantics, as the original) or "adam" (PyTorch's)."""
     seed: int = 0
     """Seeds the held-out split, the shuffling and the normalisation samples."""
+
+    def __post_init__(self):
+        """Refuse bad settings now, before any model loads (labkit.checks)."""
+        check_types(self)
+        above(self, "lr", 0)
+        at_least(self, "batch_size", 1)
+        at_least(self, "epochs", 1)
+        in_range(self, "heldout_fraction", 0, 1, "1 would leave nothing to train on", hi_open=True)
+        at_least(self, "eval_every", 1, "optimiser steps between held-out evaluations")
+        at_least(self, "normalize_samples", 1)
+        one_of(self, "optimizer", ("tf_adam", "adam"))
+        at_least(self, "seed", 0)
 
 
 @dataclass(frozen=True)

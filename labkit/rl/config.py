@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from labkit.checks import above, at_least, check_types, fail, in_range, one_of
+
 
 @dataclass
 class PPOConfig:
@@ -66,8 +68,43 @@ class PPOConfig:
     seed + r * 100003."""
     save_every: int = 1
     """With a run_dir, checkpoint after every this many updates (0 = only when asked)."""
+    keep_checkpoints: int = 2
+    """With a run_dir, how many of the newest checkpoints (`run_dir/checkpoints/step-NNNNNN/`) to keep; older
+    ones are deleted only after a newer one is complete (labkit/rl/checkpoint.py). At least 1."""
     n_samples_shown: int = 4
     """Samples per update passed to the dashboard's table."""
+
+    def __post_init__(self):
+        """Refuse bad settings now, before any model loads (labkit.checks)."""
+        check_types(self)
+        at_least(self, "batch_size", 1)
+        in_range(self, "minibatch_size", 1, self.batch_size, "at most batch_size; None = the whole batch")
+        in_range(self, "micro_batch_size", 1, self.minibatch_size or self.batch_size,
+                 "at most minibatch_size, or batch_size without one; None = the minibatch")
+        at_least(self, "ppo_epochs", 1)
+        above(self, "lr", 0)
+        at_least(self, "total_updates", 1, "the learning rate decays to 0 over it")
+        one_of(self, "optimizer", ("tf_adam", "adam"))
+        at_least(self, "init_beta", 0, "None = the task's")
+        if self.kl_target not in (None, -1.0):
+            above(self, "kl_target", 0, "None = a fixed beta, -1 = the task's target, else the target KL in nats")
+        if self.init_beta == 0 and self.kl_target is not None:  # the controller multiplies beta: 0 stays 0
+            fail(self, "init_beta", "a beta of 0 never moves under the adaptive controller (it multiplies beta); "
+                 "set kl_target=None for a fixed beta of 0 (no KL penalty), or init_beta > 0.")
+        at_least(self, "kl_horizon", 1)
+        in_range(self, "gamma", 0, 1)
+        in_range(self, "lam", 0, 1)
+        above(self, "cliprange", 0)
+        above(self, "cliprange_value", 0)
+        at_least(self, "vf_coef", 0)
+        one_of(self, "value_model", ("shared", "separate"))
+        at_least(self, "lora_r", 0, "0 = full fine-tuning")
+        above(self, "lora_alpha", 0)
+        at_least(self, "generation_batch_size", 1, "None = the whole batch")
+        at_least(self, "seed", 0)
+        at_least(self, "save_every", 0, "0 = only when asked")
+        at_least(self, "keep_checkpoints", 1, "the newest checkpoint is always kept")
+        at_least(self, "n_samples_shown", 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> PPOConfig:

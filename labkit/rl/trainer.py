@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from labkit import distributed
-from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
+from labkit.models import model_identity
+from labkit.optim import (
+    gradients_are_finite,
+    linear_decay_scheduler,
+    make_optimizer,
+    tensors_are_finite,
+)
 from labkit.reward import RewardModel
 from labkit.rl import checkpoint
 from labkit.rl.advantages import (
@@ -80,7 +86,15 @@ class UpdateBatch:
 
 
 def _as_prompt_texts(prompts) -> list[str]:
-    return [p if isinstance(p, str) else p.text for p in prompts]
+    """Source texts of `prompts` (str or labkit.data.Prompt); a blank one is refused with its index (it would
+    become an empty query, which no model can continue)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of texts (or labkit.data.Prompt), not one string: pass [text].")
+    texts = [p if isinstance(p, str) else getattr(p, "text", p) for p in prompts]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"Prompt {i} is {t!r}: every prompt must be a non-empty text. Remove it or fill it in.")
+    return texts
 
 
 class PPOTrainer:
@@ -101,10 +115,17 @@ class PPOTrainer:
         self.prompts = _as_prompt_texts(prompts)
         if not self.prompts:
             raise ValueError("PPOTrainer needs at least one prompt.")
-        if cfg.value_model not in ("shared", "separate"):
-            raise ValueError(f"value_model must be 'shared' or 'separate', not {cfg.value_model!r}.")
         self.queries = [format_query(self.task, t, tokenizer) for t in self.prompts]  # token ids, formatted once
+        empty = [i for i, q in enumerate(self.queries) if not q]
+        if empty:
+            raise ValueError(f"Prompt {empty[0]} ({self.prompts[empty[0]]!r}) gives an empty query for the task "
+                             f"{self.task.name!r} ({len(empty)} such prompts): its text has no tokens to keep.")
         self.device = next(policy.parameters()).device
+        # What a checkpoint of this run must match (checkpoint.check_fits): taken before LoRA or sharding wrap pi.
+        self.identity = {"model": model_identity(policy, tokenizer), "value_model": cfg.value_model,
+                         "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+        if isinstance(reward, RewardModel):
+            reward.check_fits(self.task, tokenizer, policy)
 
         # rho: frozen original. With LoRA it is the same weights with adapters disabled (no second copy).
         if cfg.lora_r > 0:
@@ -157,17 +178,53 @@ class PPOTrainer:
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()  # held during an update; snapshots for sampling take it too
+        self.resume_changes: list[str] = []  # config fields that differ from the resumed checkpoint's, applied
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        if self.run_dir is not None and (self.run_dir / "checkpoint" / "trainer.json").exists():
-            self.load(self.run_dir / "checkpoint")
-            if verbose:
-                print(f"Resumed from {self.run_dir / 'checkpoint'} at update {self.step_count}.")
+        if self.run_dir is not None:
+            self._resume(verbose)
+
+    def _resume(self, verbose: bool) -> None:
+        """Continue from the run folder's newest complete checkpoint, if any, and cut metrics.jsonl back to it
+        (a kill after an update's metrics line but before its checkpoint would otherwise repeat that step)."""
+        found = checkpoint.latest(self.run_dir)
+        damaged = checkpoint.incomplete(self.run_dir)
+        if found is None and damaged:
+            raise checkpoint.CheckpointError(
+                f"{self.run_dir} holds checkpoint folders but none is complete ({', '.join(map(str, damaged))}: a "
+                "file was deleted or cut short after it was written). Nothing was changed. Restore the missing "
+                "files, or move the run folder away to start a new run.")
+        if found is not None:
+            self.load(found)
+        if distributed.is_main():
+            _cut_metrics(self.run_dir / "metrics.jsonl", self.step_count)
+        if verbose and distributed.is_main() and found is not None:
+            print(f"Resumed from {found} at update {self.step_count}.")
+            for change in self.resume_changes:
+                print(f"  changed since the checkpoint, applied from now on: {change}")
+            for folder in damaged:
+                print(f"  {folder} is damaged (a file missing or cut short) and was not used.")
 
     # ------------------------------------------------------------------------------------------
     # one update
 
     def step(self) -> dict:
-        """One PPO update on a fresh batch of rollouts; returns its metrics (also appended to .history)."""
+        """One PPO update on a fresh batch of rollouts; returns its metrics (also appended to .history).
+
+        Applied whole or not at all: if anything fails inside it (a reward that is not one finite number per
+        rollout, non-finite log-probs, losses or gradients, an interrupt, any exception), the weights, the
+        optimiser, the learning-rate schedule, the KL controller, every random stream and the step count are
+        put back as they were before it, and the error says what failed. Rerunning the cell repeats it."""
+        before = _Before(self)
+        try:
+            metrics, roll, scores, kl = self._update(before)
+        except BaseException:
+            before.restore(self)
+            raise
+        self._record(metrics, roll, scores, kl)
+        return metrics
+
+    def _update(self, before: _Before) -> tuple[dict, Rollout, torch.Tensor, torch.Tensor]:
+        """`step`'s seven steps; `before.take_weights` runs before the first optimiser step."""
         cfg, B = self.config, self.config.batch_size
         mb = cfg.minibatch_size or B
         t = {"start": _clock(self.device)}
@@ -185,6 +242,9 @@ class PPOTrainer:
                                 and cfg.separate_value_first_epoch)
         ref_logprobs = self._rho_logprobs(roll)  # (B, R)
         old_logprobs, old_values = self._old_logprobs_and_values(roll, values=not values_from_training)
+        _require_finite("rho's log-probs of the responses (rho's weights hold NaN or inf)", ref_logprobs)
+        _require_finite("pi's log-probs of the responses (pi's weights hold NaN or inf: load the last good "
+                        "checkpoint)", old_logprobs)
         t["scoring"] = _clock(self.device)
 
         # 4. per-token rewards: -beta * kl_t, plus the score at the last token; whiten keeping the mean
@@ -200,8 +260,12 @@ class PPOTrainer:
             old_values = self._first_value_epoch(roll, rewards, stats)  # (B, R); the value model's epoch 1 is done
         advantages, returns = compute_gae(rewards, old_values, gamma=cfg.gamma, lam=cfg.lam)
         batch = UpdateBatch(roll, old_logprobs, old_values, global_whiten(advantages), returns)
+        _require_finite("the value function's old values", batch.old_values)
+        _require_finite("the whitened advantages", batch.advantages)
 
-        # 6. PPO epochs, one optimiser step per minibatch; applied whole or not at all (interrupts wait)
+        # 6. PPO epochs, one optimiser step per minibatch (an interrupt waits for the update's end; `step` undoes
+        #    the update if anything fails in it)
+        before.take_weights(self)
         self._steps_in_update = 0
         with deferred_interrupt(), self._lock:
             for epoch in range(cfg.ppo_epochs):
@@ -219,8 +283,7 @@ class PPOTrainer:
 
         metrics = self._metrics(roll, scores, kl, non_score, ref_logprobs, old_logprobs, old_values, stats, beta,
                                 kl_mean, lr, t)
-        self._record(metrics, roll, scores, kl)
-        return metrics
+        return metrics, roll, scores, kl
 
     # ------------------------------------------------------------------------------------------
     # the update's parts, in order
@@ -243,10 +306,9 @@ class PPOTrainer:
                                "or call OnlineLoop.refit() to fit one on the labels so far.")
         if isinstance(reward, RewardModel):
             scores = reward.score_rollout(roll, batch_size=self._chunk_size(len(roll))).float().to(self.device)
+            _require_finite("the reward model's scores (its weights, gain or bias hold NaN or inf)", scores)
         else:
-            scores = torch.as_tensor(reward(roll.query_texts, roll.response_texts), dtype=torch.float32, device=self.device)
-            if scores.shape != (len(roll),):
-                raise ValueError(f"The reward function returned shape {tuple(scores.shape)}; expected one score per response ({len(roll)},).")
+            scores = scores_from_reward_fn(reward(roll.query_texts, roll.response_texts), len(roll)).to(self.device)
         return torch.where(roll.found, scores, torch.full_like(scores, self.task.penalty))
 
     def _rho_logprobs(self, roll: Rollout) -> torch.Tensor:
@@ -317,10 +379,9 @@ class PPOTrainer:
         distributed.average_gradients(self.params)  # DDP's all-reduce; no-op in one process
         if not distributed.on_every_process(gradients_are_finite(self.params)):
             raise FloatingPointError(
-                f"PPO update {self.step_count + 1}, epoch {epoch + 1}: non-finite gradients (a reward or log-prob "
-                "that is NaN or inf, or a learning rate too high); stopped before this optimiser step. "
-                + ("Earlier steps of this update were applied: resume from the last checkpoint."
-                   if self._steps_in_update else "The weights are as after the previous update."))
+                f"PPO update {self.step_count + 1}, epoch {epoch + 1}, optimiser step {self._steps_in_update + 1}: "
+                "non-finite gradients (a learning rate too high for these weights, or a loss that overflowed). "
+                "The update was not applied: the trainer is as after the previous update.")
         self.optimizer.step()
         self._steps_in_update += 1
 
@@ -349,6 +410,9 @@ class PPOTrainer:
         """After the last optimiser step: decay the learning rate and free the gradients (not needed until the
         next update's backward: freeing them now keeps its rollout and scoring passes one model size smaller).
         Returns the learning rate this update used."""
+        if not distributed.on_every_process(tensors_are_finite(self.params)):
+            raise FloatingPointError(f"PPO update {self.step_count + 1}: its optimiser steps made weights NaN or inf "
+                                     "(a learning rate too high). The update was not applied.")
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -405,7 +469,7 @@ class PPOTrainer:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if self.config.save_every and self.step_count % self.config.save_every == 0:
-                self.save(self.run_dir / "checkpoint")
+                self.save()
 
     # ------------------------------------------------------------------------------------------
     # helpers
@@ -515,9 +579,15 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------
     # checkpoints (labkit/rl/checkpoint.py)
 
-    def save(self, folder) -> Path:
-        """Write the full state atomically (see `checkpoint.save`); every process calls it in a multi-process run."""
-        return checkpoint.save(self, folder)
+    def save(self, folder=None) -> Path:
+        """Checkpoint the full state: into the run folder's `checkpoints/step-NNNNNN/` (keeping the newest
+        `config.keep_checkpoints`), or into `folder` when given. Atomic and fsynced (labkit/rl/checkpoint.py);
+        every process calls it in a multi-process run."""
+        if folder is not None:
+            return checkpoint.save(self, folder)
+        if self.run_dir is None:
+            raise ValueError("This trainer has no run_dir: pass a folder, trainer.save('path/to/checkpoint').")
+        return checkpoint.save_step(self, self.run_dir, keep=self.config.keep_checkpoints)
 
     def load(self, folder) -> None:
         """Restore a checkpoint written by `save` into this trainer (built with the same models)."""
@@ -535,3 +605,124 @@ def _clock(device: torch.device) -> float:
 # Metrics already equal on every process (global or shared state); all others are averaged over processes.
 _GLOBAL_METRICS = {"step", "episodes", "objective/kl", "objective/kl_coef", "objective/kl_target",
                    "objective/scores_std", "lr"}
+
+
+def _require_finite(what: str, x: torch.Tensor) -> None:
+    """Raise before any state changes if `x` (B, ...) holds NaN or inf, naming `what` and the first rollout."""
+    bad = ~torch.isfinite(x)
+    if distributed.on_every_process(not bool(bad.any())):
+        return
+    rows = bad.reshape(len(x), -1).any(-1).nonzero().flatten().tolist() if bad.any() else []
+    where = f" for rollout {rows[0]}" + (f" (and {len(rows) - 1} more)" if len(rows) > 1 else "") if rows else " on another process"
+    raise FloatingPointError(f"NaN or inf in {what}{where}. The update was not applied: the trainer is as before it.")
+
+
+def scores_from_reward_fn(out, n: int) -> torch.Tensor:
+    """A reward function's return as (n,) float32 scores, or a clear error: it must give one finite real number
+    per response (a list, tuple, numpy array or tensor)."""
+    if isinstance(out, torch.Tensor):
+        values = out.detach().float().cpu().flatten().tolist() if out.dim() == 1 else None
+    elif isinstance(out, np.ndarray):
+        values = out.tolist() if out.ndim == 1 else None
+    elif isinstance(out, (list, tuple)):
+        values = list(out)
+    else:
+        raise TypeError(f"The reward function returned a {type(out).__name__}; it must return one score per response: "
+                        f"a list of {n} floats (or a 1-d array or tensor).")
+    if values is None:
+        raise ValueError(f"The reward function returned shape {tuple(out.shape)}; expected one score per response ({n},).")
+    if len(values) != n:
+        raise ValueError(f"The reward function returned {len(values)} scores for {n} responses; it must return one per response.")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"The reward function returned {v!r} ({type(v).__name__}) for rollout {i}; scores must be "
+                            "real numbers (int or float).")
+        if not np.isfinite(v):
+            raise FloatingPointError(f"The reward function returned {v} for rollout {i}; scores must be finite. The update "
+                                     "was not applied: the trainer is as before it.")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+class _Before:
+    """What an update changes, taken before it, so that a failed update can be undone (`PPOTrainer.step`).
+
+    The random streams, the KL controller and the step count at the start; the weights, the optimiser's state
+    and the schedule just before the first optimiser step (`take_weights`): a copy of the trainable weights
+    and of Adam's two moments, on the host for a GPU model (about 3x the trainable weights' size while the
+    update runs; with LoRA only the adapters').
+    """
+
+    def __init__(self, trainer: PPOTrainer):
+        self.numpy_rng = copy.deepcopy(trainer.rng.bit_generator.state)
+        self.generator = trainer.generator.get_state()
+        self.torch_rng = torch.get_rng_state()
+        self.kl_ctl = copy.deepcopy(trainer.kl_ctl.state_dict())
+        self.step_count = trainer.step_count
+        self.weights: list[torch.Tensor] | None = None
+
+    def take_weights(self, trainer: PPOTrainer) -> None:
+        opt = trainer.optimizer
+        self.weights = [_host_copy(p) for p in trainer.params]
+        self.optimizer = {p: {k: _host_copy(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                          for p, st in opt.state.items()}
+        self.lrs = [g["lr"] for g in opt.param_groups]
+        self.scheduler = copy.deepcopy(trainer.scheduler.state_dict())
+
+    def restore(self, trainer: PPOTrainer) -> None:
+        trainer.rng.bit_generator.state = self.numpy_rng
+        trainer.generator.set_state(self.generator)
+        torch.set_rng_state(self.torch_rng)
+        trainer.kl_ctl.load_state_dict(self.kl_ctl)
+        trainer.step_count = self.step_count
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._grad_buffer = None
+        if self.weights is None:
+            return
+        opt = trainer.optimizer
+        with torch.no_grad():
+            for p, saved in zip(trainer.params, self.weights):
+                p.copy_(saved)
+            for p in list(opt.state):  # in place, so that the state keeps its device, dtype and layout
+                if p not in self.optimizer:
+                    del opt.state[p]
+                    continue
+                for k, v in self.optimizer[p].items():
+                    if torch.is_tensor(v):
+                        opt.state[p][k].copy_(v)
+                    else:
+                        opt.state[p][k] = v
+        for g, lr in zip(opt.param_groups, self.lrs):
+            g["lr"] = lr
+        trainer.scheduler.load_state_dict(self.scheduler)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy that the update cannot touch: on the host for a GPU tensor (GPU memory is the scarcer), a clone
+    of this process's shard for a sharded one."""
+    t = t.detach()
+    if t.device.type == "cpu" or hasattr(t, "to_local"):
+        return t.clone()
+    return t.to("cpu", copy=True)
+
+
+def _cut_metrics(path: Path, step: int) -> None:
+    """Keep metrics.jsonl's lines of updates 1..step (and none cut short by a kill), atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if kept == lines:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

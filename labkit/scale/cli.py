@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from labkit import distributed
+from labkit.rl import checkpoint
+from labkit.rl.config import PPOConfig
 from labkit.scale.jobs import PPOJob, RewardJob
 
 
@@ -76,7 +79,10 @@ def _read_examples(job: RewardJob, task_name: str):
 
 
 def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
-    """Fit a reward model as the online loop's refit does: fresh head on rho, normalise, train, normalise."""
+    """Fit a reward model as the online loop's refit does: fresh head on rho, normalise, train, normalise.
+
+    The job was checked when it was built (`RewardJob.load`, `__post_init__`). Each run trains from scratch
+    and replaces what output_dir held: out/job.yaml is written after the model, and always describes it."""
     from labkit.data import load_prompts
     from labkit.models import load_lm
     from labkit.reward import RewardTrainer, reward_model_from_lm
@@ -131,15 +137,56 @@ def _load_reward(job: PPOJob, tokenizer, device):
 
         vader = VaderLabeler()
         return lambda queries, responses: vader.score(responses)
-    rm = RewardModel.load(job.reward, device=device, dtype=job.dtype).requires_grad_(False)
-    if len(rm.tokenizer) != len(tokenizer):
-        raise ValueError(f"The reward model in {job.reward} has a vocabulary of {len(rm.tokenizer)} tokens, the "
-                         f"policy {job.model!r} one of {len(tokenizer)}: train the reward model on the same base model.")
-    return rm
+    return RewardModel.load(job.reward, device=device, dtype=job.dtype).requires_grad_(False)  # fit: PPOTrainer
+
+
+MAY_CHANGE_ON_RESUME = {"run_dir", "n_updates", "task.title", "task.instructions"} | {
+    f"ppo.{f.name}" for f in fields(PPOConfig) if f.name not in checkpoint.FIXED_FIELDS}
+"""What a job started again on the same run_dir may change: how far to go, the task's texts for labelers, and
+the PPO settings that the trainer applies from the resumed update on and reports (`checkpoint.check_fits`; as
+in a notebook). run_dir: the same folder, maybe spelled otherwise."""
+
+
+def _run_settings(job: PPOJob) -> dict:
+    """The job's fields, the task resolved (so that {"response_length": 24} equals the default) and the
+    PPO settings flattened into "task.x" and "ppo.x" keys, less those in MAY_CHANGE_ON_RESUME."""
+    flat = {f"task.{k}": v for k, v in asdict(job.task_spec()).items()}
+    flat |= {f"ppo.{k}": v for k, v in asdict(job.ppo).items()}
+    flat |= {k: v for k, v in asdict(job).items() if k not in ("task", "task_overrides", "ppo")}
+    return {k: v for k, v in flat.items() if k not in MAY_CHANGE_ON_RESUME}
+
+
+def check_resume(job: PPOJob) -> None:
+    """Refuse to run `job` in a run_dir whose job.yaml (the job that started the run) differs from it in
+    anything but MAY_CHANGE_ON_RESUME, listing the differences. A resumed run would otherwise continue the
+    checkpoint under other settings, and its job.yaml would no longer say how the run was made.
+
+    The choice: refuse rather than keep the old job.yaml and go on, because a different model, reward or PPO
+    setting is more often a wrong run_dir than a wish; to change them on purpose, start a new run_dir, or
+    edit or delete the old job.yaml. An old job.yaml that no longer loads is refused the same way."""
+    old_path = Path(job.run_dir) / "job.yaml"
+    if not old_path.exists():
+        return
+    try:
+        old = PPOJob.load(old_path)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{old_path}, the job this run was started with, does not load ({err}). Fix or delete "
+                         "it to resume this run, or give the job another run_dir.") from None
+    before, after = _run_settings(old), _run_settings(job)
+    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
+               if before.get(k) != after.get(k)]
+    if changed:
+        raise ValueError(f"{job.run_dir} holds a run started by another job ({old_path}); this job differs in: "
+                         + "; ".join(changed) + ". A resumed run may only change n_updates and "
+                         f"{', '.join(sorted(MAY_CHANGE_ON_RESUME - {'run_dir', 'n_updates'}))}. "
+                         "Use another run_dir, or delete that job.yaml (and the checkpoint) to start over.")
 
 
 def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
-    """Train (or resume) PPO in job.run_dir until job.n_updates updates are done."""
+    """Train (or resume) PPO in job.run_dir until job.n_updates updates are done.
+
+    Order: the job was checked when it was built (`PPOJob.load`, `__post_init__`); then it is compared with
+    the run_dir's job.yaml (`check_resume`); then the models load; only then is run_dir/job.yaml written."""
     from labkit.data import load_prompts
     from labkit.models import load_lm
     from labkit.rl.trainer import PPOTrainer
@@ -147,6 +194,7 @@ def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
     cfg = job.ppo
     task = job.task_spec()
     run_dir = Path(job.run_dir)
+    distributed.run_on_main(lambda: check_resume(job))  # before any model loads; every process raises alike
     torch.manual_seed(cfg.seed)  # identical initial weights everywhere (PPOTrainer also broadcasts them)
     policy, tokenizer = load_lm(job.model, device=device, dtype=job.dtype)
     reward = _load_reward(job, tokenizer, device)
@@ -161,7 +209,7 @@ def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
     if remaining > 0:
         trainer.train(remaining, progress=distributed.is_main())
         if not (cfg.save_every and trainer.step_count % cfg.save_every == 0):
-            trainer.save(run_dir / "checkpoint")  # every process calls it; the main one writes
+            trainer.save()  # every process calls it; the main one writes
     summary = {"world_size": distributed.world_size(), "step": trainer.step_count,
                "final": trainer.history[-1] if trainer.history else None}
     if check_sync:

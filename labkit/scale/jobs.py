@@ -8,18 +8,28 @@ notebook set up by hand: which model, task, prompts, labels and output folder.
     job.save("ppo.yaml")          # YAML for .yaml / .yml, JSON for anything else
     # on the cluster:  accelerate launch --config_file ddp.yaml -m labkit.scale.cli ppo ppo.yaml
 
-`load` refuses unknown keys (naming the known ones) and a file written for the other command.
+`load` refuses unknown keys (naming the known ones), a file written for the other command, and bad values
+(the dataclasses' `__post_init__`, labkit.checks), all with the file's name, before any model loads. YAML
+files may write floats as 1e-5: PyYAML alone (YAML 1.1) would read that as the string '1e-5'.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from labkit.rl.config import PPOConfig
+from labkit.checks import at_least, check_types, fail, non_empty, one_of
 from labkit.reward import RewardConfig
+from labkit.rl.config import PPOConfig
 from labkit.tasks import Task, TruncationRule, get_task
+
+DTYPES = ("float32", "bfloat16", "float16", "float64", None)
+"""Weights' dtypes a job may ask for (torch's names; None = labkit's choice)."""
+SPLITS = ("train", "validation", "all")
+"""Prompt splits of labkit.data.load_prompts."""
 
 
 @dataclass
@@ -47,11 +57,22 @@ class RewardJob:
     dtype: str | None = None
     """Weights' dtype, e.g. "float32" or "bfloat16"; None = fp32 (on a GPU the matmuls still run in bf16 autocast)."""
 
+    def __post_init__(self):
+        check_types(self)
+        for name in ("labels", "output_dir", "model", "task", "prompt_source"):
+            non_empty(self, name)
+        if not self.label_kinds:
+            fail(self, "label_kinds", "must name at least one comparison kind, e.g. [train, validation].")
+        one_of(self, "prompt_split", SPLITS)
+        one_of(self, "dtype", DTYPES)
+        self.reward.__post_init__()  # again: the config may have been changed after it was built
+        self.task_spec()  # unknown task names, override keys or values fail here, not after the models load
+
     def save(self, path) -> Path:
         return _save(self, "train-reward", path)
 
     @classmethod
-    def load(cls, path) -> "RewardJob":
+    def load(cls, path) -> RewardJob:
         return _load(cls, "train-reward", path)
 
     def task_spec(self) -> Task:
@@ -84,11 +105,21 @@ class PPOJob:
     dtype: str | None = None
     """Model dtype; None = labkit's choice."""
 
+    def __post_init__(self):
+        check_types(self)
+        for name in ("run_dir", "model", "task", "reward", "prompt_source"):
+            non_empty(self, name)
+        at_least(self, "n_updates", 1, "updates the run reaches in total")
+        one_of(self, "prompt_split", SPLITS)
+        one_of(self, "dtype", DTYPES)
+        self.ppo.__post_init__()  # again: the config may have been changed after it was built
+        self.task_spec()
+
     def save(self, path) -> Path:
         return _save(self, "ppo", path)
 
     @classmethod
-    def load(cls, path) -> "PPOJob":
+    def load(cls, path) -> PPOJob:
         return _load(cls, "ppo", path)
 
     def task_spec(self) -> Task:
@@ -103,9 +134,15 @@ def build_task(name: str, overrides: dict) -> Task:
     if unknown:
         raise ValueError(f"Unknown task_overrides {unknown}; known task fields: {known}.")
     changes = dict(overrides)
-    if isinstance(changes.get("truncation"), dict):
-        changes["truncation"] = _from_dict(TruncationRule, changes["truncation"], "task_overrides.truncation")
-    return task.with_(**changes)
+    if not isinstance(changes.get("truncation"), (dict, TruncationRule, type(None))):
+        raise ValueError(f"task_overrides.truncation = {changes['truncation']!r}: must be null (no truncation) or a "  # noqa: TRY004 - config errors are ValueErrors
+                         "mapping {text: '.', after: 16}.")
+    try:
+        if isinstance(changes.get("truncation"), dict):
+            changes["truncation"] = _from_dict(TruncationRule, changes["truncation"], "task_overrides.truncation")
+        return task.with_(**changes)
+    except ValueError as err:
+        raise ValueError(str(err) if str(err).startswith("Unknown") else f"task_overrides: {err}") from None
 
 
 def _from_dict(cls, data: dict, where: str):
@@ -123,6 +160,7 @@ def _from_dict(cls, data: dict, where: str):
 
 def _save(job, command: str, path) -> Path:
     path = Path(path)
+    replace(job)  # checks the fields again (they may have been changed since): a bad job never overwrites a file
     data = {"job": command, **asdict(job)}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".yaml", ".yml"):
@@ -134,16 +172,47 @@ def _save(job, command: str, path) -> Path:
     return path
 
 
+# YAML 1.1 (PyYAML) needs a dot in a float: `lr: 1e-5` would be the string '1e-5'. Job files are also written
+# by hand, so floats may have an exponent without a dot as in YAML 1.2 (1e-5, 1E+3, -2e-6); the rest is
+# PyYAML's float pattern.
+_YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+
+
+@functools.cache
+def yaml_loader():
+    """A yaml.SafeLoader that also reads 1e-5 as a float."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    return Loader
+
+
 def _load(cls, command: str, path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Job file {path} does not exist. Write one from a notebook with "
                                 f"`{cls.__name__}(...).save({str(path)!r})`.")
     text = path.read_text()
+    try:
+        return _parse(cls, command, path, text)
+    except (ValueError, KeyError) as err:  # every message names the file
+        message = err.args[0] if err.args else str(err)
+        raise type(err)(message if str(path) in str(message) else f"{path}: {message}") from None
+
+
+def _parse(cls, command: str, path: Path, text: str):
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=yaml_loader())  # a SafeLoader subclass: safe
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
@@ -156,6 +225,4 @@ def _load(cls, command: str, path):
     for key, sub in nested.items():
         if key in data:
             data[key] = _from_dict(sub, data[key], f"{path}: {key}")
-    job = _from_dict(cls, data, str(path))
-    job.task_spec()  # unknown task names or override keys fail here, not after the models are loaded
-    return job
+    return _from_dict(cls, data, str(path))  # its __post_init__ checks the values and builds the task

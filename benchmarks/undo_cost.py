@@ -3,10 +3,12 @@
 model with full fine-tuning and the shared value head (the largest copy labkit takes; with LoRA only the
 adapters are copied).
 
-Two arms, each in a fresh process so that each has its own peak memory: "undo" (labkit as it is) and
-"no-undo" (the copy replaced by nothing, for this measurement only), in ABBA order. Each runs one warm-up
-update and `--updates` measured ones. Prints one JSON line: the copy's size and seconds, seconds per update
-and peak RSS of both arms, and the ratios.
+Three arms, each in a fresh process so that each has its own peak memory, in ABCCBA order: "copy" (labkit
+without a run folder: the copy in memory), "none" (the copy replaced by nothing, for this measurement only)
+and "checkpoint" (labkit with a run folder saving every update: the undo reads that checkpoint back instead,
+and nothing is copied; its time includes writing the checkpoints). Each runs one warm-up update and
+`--updates` measured ones. Prints one JSON line: the copy's size and seconds, seconds per update and peak RSS
+of each arm, and the ratios to "none".
 
     python benchmarks/undo_cost.py                  # batch 16 rollouts, query 64, response 24, 4 epochs
 """
@@ -17,15 +19,19 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from record import emit  # this script's folder is on sys.path
 
+ARMS = ["copy", "none", "checkpoint"]
 
-def arm(undo: bool, batch: int, updates: int) -> dict:
+
+def arm(name: str, batch: int, updates: int) -> dict:
     import torch
 
     import labkit.rl.trainer as trainer_module
@@ -38,7 +44,9 @@ def arm(undo: bool, batch: int, updates: int) -> dict:
     policy, tok = load_lm("smollm2-135m", device="cpu")
     prompts = load_prompts(SENTIMENT, source="demo")
     cfg = PPOConfig(batch_size=batch, micro_batch_size=min(batch, 16), total_updates=100)
-    trainer = PPOTrainer(policy, tok, SENTIMENT, lambda q, r: [float(len(x)) for x in r], prompts, cfg, verbose=False)
+    run_dir = tempfile.mkdtemp(prefix="labkit-undo-") if name == "checkpoint" else None
+    trainer = PPOTrainer(policy, tok, SENTIMENT, lambda q, r: [float(len(x)) for x in r], prompts, cfg, run_dir=run_dir,
+                         verbose=False)
     copy_s, copy_bytes = [], 0
     real = trainer_module._Before.take_weights
 
@@ -47,16 +55,19 @@ def arm(undo: bool, batch: int, updates: int) -> dict:
         start = time.perf_counter()
         real(self, t)
         copy_s.append(time.perf_counter() - start)
-        copy_bytes = sum(w.nbytes for w in self.weights) + sum(
-            v.nbytes for st in self.optimizer.values() for v in st.values() if torch.is_tensor(v))
+        if self.weights is not None:  # None: the undo will read the run folder's checkpoint back
+            copy_bytes = sum(w.nbytes for w in self.weights) + sum(
+                v.nbytes for st in self.optimizer.values() for v in st.values() if torch.is_tensor(v))
 
-    trainer_module._Before.take_weights = timed if undo else (lambda self, t: None)
+    trainer_module._Before.take_weights = (lambda self, t: None) if name == "none" else timed
     trainer.step()  # warm-up: compiles, allocates Adam's moments
     seconds = []
     for _ in range(updates):
         start = time.perf_counter()
         trainer.step()
         seconds.append(time.perf_counter() - start)
+    if run_dir:
+        shutil.rmtree(run_dir)
     return {"update_s": statistics.median(seconds), "copy_s": statistics.median(copy_s) if copy_s else 0.0,
             "copy_bytes": copy_bytes, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -65,13 +76,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--updates", type=int, default=2)
-    p.add_argument("--arm", choices=["undo", "no-undo"], help=argparse.SUPPRESS)  # one arm, in a child process
+    p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
     args = p.parse_args()
     if args.arm:
-        print(json.dumps(arm(args.arm == "undo", args.batch, args.updates)))
+        print(json.dumps(arm(args.arm, args.batch, args.updates)))
         return
-    runs: dict[str, list[dict]] = {"undo": [], "no-undo": []}
-    for name in ("undo", "no-undo", "no-undo", "undo"):  # ABBA: drift on a shared machine cancels out
+    runs: dict[str, list[dict]] = {a: [] for a in ARMS}
+    for name in ARMS + ARMS[::-1]:  # ABCCBA: drift on a shared machine cancels out
         out = subprocess.run([sys.executable, __file__, "--arm", name, "--batch", str(args.batch), "--updates",
                               str(args.updates)], capture_output=True, text=True, check=True, env=os.environ)
         runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -79,12 +90,11 @@ def main() -> None:
     emit({
         "benchmark": "undo_cost", "model": "smollm2-135m", "batch": args.batch, "query": 64, "response": 24,
         "epochs": 4, "updates_per_arm": args.updates,
-        "copy_gb": round(med["undo"]["copy_bytes"] / 2**30, 3), "copy_s": round(med["undo"]["copy_s"], 3),
-        "update_s_undo": round(med["undo"]["update_s"], 2), "update_s_no_undo": round(med["no-undo"]["update_s"], 2),
-        "time_ratio": round(med["undo"]["update_s"] / med["no-undo"]["update_s"], 3),
-        "peak_rss_gb_undo": round(med["undo"]["peak_rss_gb"], 2),
-        "peak_rss_gb_no_undo": round(med["no-undo"]["peak_rss_gb"], 2),
-        "memory_ratio": round(med["undo"]["peak_rss_gb"] / med["no-undo"]["peak_rss_gb"], 3),
+        "copy_gb": round(med["copy"]["copy_bytes"] / 2**30, 3), "copy_s": round(med["copy"]["copy_s"], 3),
+        **{f"update_s_{a}": round(med[a]["update_s"], 2) for a in ARMS},
+        **{f"peak_rss_gb_{a}": round(med[a]["peak_rss_gb"], 2) for a in ARMS},
+        **{f"time_ratio_{a}": round(med[a]["update_s"] / med["none"]["update_s"], 3) for a in ("copy", "checkpoint")},
+        **{f"memory_ratio_{a}": round(med[a]["peak_rss_gb"] / med["none"]["peak_rss_gb"], 3) for a in ("copy", "checkpoint")},
     })
 
 

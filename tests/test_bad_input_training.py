@@ -159,17 +159,25 @@ STAGES = [
 ]
 
 
+@pytest.mark.parametrize("undo", ["copy in memory", "checkpoint read back"])
 @pytest.mark.parametrize("stage,target,name,k", STAGES, ids=[s[0] for s in STAGES])
-def test_a_failure_at_any_stage_of_an_update_undoes_all_of_it(monkeypatch, stage, target, name, k):
-    straight, t = make(), make()
+def test_a_failure_at_any_stage_of_an_update_undoes_all_of_it(monkeypatch, tmp_path, stage, target, name, k, undo):
+    """Without a run folder the update is undone from a copy; with one that saved the state the update
+    started from, from that checkpoint (nothing copied)."""
+    straight = make()
+    t = make(run_dir=tmp_path / "run" if undo == "checkpoint read back" else None)
     straight.train(2, progress=False)
     t.step()
     before = state(t)
     with monkeypatch.context() as m:
         _fail_on_call(m, target, name, k)
+        if undo == "checkpoint read back":  # the undo must not copy anything
+            m.setattr(ppo, "_host_copy", lambda x: pytest.fail("the weights were copied"))
         with pytest.raises(RuntimeError, match=f"injected failure in {name}"):
             t.step()
     assert_same(before, state(t))
+    if undo == "checkpoint read back":
+        assert t._checkpointed[0] == 1 and (tmp_path / "run" / "checkpoints" / "step-000001").is_dir()
     t.step()  # retried without the fault: exactly the update the uninterrupted trainer made
     assert_same(state(straight), state(t))
 
@@ -454,3 +462,25 @@ def test_bad_prompts_are_refused_with_their_index(prompts, error, message):
     model, tok = load_lm("tiny", device="cpu")
     with pytest.raises(error, match=message):
         PPOTrainer(model, tok, TASK, dots, prompts, config(), verbose=False)
+
+
+def test_an_explicit_save_interrupted_while_replacing_names_the_complete_copies(tmp_path, monkeypatch):
+    t = make()
+    t.step()
+    t.save(tmp_path / "mine")
+    t.step()
+    real, calls = ckpt.os.replace, []
+
+    def second_fails(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("killed")
+        return real(*a)
+
+    monkeypatch.setattr(ckpt.os, "replace", second_fails)
+    with pytest.raises(OSError):
+        t.save(tmp_path / "mine")  # the old folder is aside, the new one complete but not yet in place
+    monkeypatch.undo()
+    with pytest.raises(ckpt.CheckpointError, match="interrupted; complete copies: .*\\.old-mine-.*\\.tmp-mine-|"
+                                                   "interrupted; complete copies: .*\\.tmp-mine-.*\\.old-mine-"):
+        make().load(tmp_path / "mine")

@@ -104,18 +104,16 @@ def save_step(trainer, run_dir, keep: int) -> Path:
 
 
 def _write(folder: Path, tensors: dict, meta: dict) -> None:
-    from safetensors.torch import save
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {"state.safetensors": save(tensors), "trainer.json": json.dumps(meta, default=_json_default).encode()}
-    for name, data in files.items():
-        _write_file(tmp / name, data)
+    _write_tensors(tmp / "state.safetensors", tensors)
+    _write_file(tmp / "trainer.json", json.dumps(meta, default=_json_default).encode())
     # COMPLETE last: a folder without it, or whose files are not the sizes it names, is never loaded
-    _write_file(tmp / "COMPLETE", json.dumps({"step": meta["step"], "sizes": {k: len(v) for k, v in files.items()}}).encode())
+    sizes = {name: (tmp / name).stat().st_size for name in ("state.safetensors", "trainer.json")}
+    _write_file(tmp / "COMPLETE", json.dumps({"step": meta["step"], "sizes": sizes}).encode())
     _fsync_dir(tmp)
     if folder.exists():  # the same step saved again (an explicit save, or a step re-done after a crash)
         aside = folder.parent / f".old-{folder.name}-{os.getpid()}"
@@ -126,6 +124,15 @@ def _write(folder: Path, tensors: dict, meta: dict) -> None:
     else:
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
+
+
+def _write_tensors(path: Path, tensors: dict) -> None:
+    """safetensors straight to the file (no second copy of the weights in memory as bytes), then fsync."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -217,18 +224,22 @@ def latest(run_dir) -> Path | None:
     return max(found, key=lambda c: (c[0], _STEP.search(c[1].name) is not None))[1] if found else None
 
 
-def load(trainer, folder) -> None:
+def load(trainer, folder, check: bool = True) -> None:
     """Restore a checkpoint written by `save` into `trainer`, after `check_fits`: nothing in the trainer
-    changes when the checkpoint is refused."""
+    changes when the checkpoint is refused. check=False: the trainer's own checkpoint, read back to undo a
+    failed update (`PPOTrainer.step`), restored as it was saved."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if is_complete(folder) is None:
-        raise CheckpointError(f"{folder} is not a complete labkit PPO checkpoint (COMPLETE, trainer.json or "
-                              "state.safetensors missing or cut short). Nothing was loaded.")
+        copies = [f for f in folder.parent.glob(f".*-{folder.name}-*") if is_complete(f) is not None]
+        raise CheckpointError(
+            f"{folder} is not a complete labkit PPO checkpoint (COMPLETE, trainer.json or state.safetensors missing "
+            "or cut short). Nothing was loaded." + (f" A save of it was interrupted; complete copies: "
+                                                   f"{', '.join(map(str, copies))}." if copies else ""))
     meta = json.loads((folder / "trainer.json").read_text())
     tensors = load_file(str(folder / "state.safetensors"))
-    changes = check_fits(trainer, meta, tensors, folder)
+    changes = check_fits(trainer, meta, tensors, folder) if check else None
     params = trainer.params
     with torch.no_grad():
         for i, p in enumerate(params):
@@ -248,8 +259,9 @@ def load(trainer, folder) -> None:
     trainer.step_count = meta["step"]
     trainer.history = meta["history"]
     _restore_rng(trainer, tensors, meta)
-    _apply_changes(trainer, changes)
-    trainer.resume_changes = changes
+    if changes is not None:
+        _apply_changes(trainer, changes)
+        trainer.resume_changes = changes
 
 
 # What a resumed run takes from its new config, reported: the trainer reads these each update (or they are

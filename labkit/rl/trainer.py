@@ -179,6 +179,7 @@ class PPOTrainer:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # held during an update; snapshots for sampling take it too
         self.resume_changes: list[str] = []  # config fields that differ from the resumed checkpoint's, applied
+        self._checkpointed: tuple[int | None, Path | None] = (None, None)  # (step, folder) of the last save or load
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None:
             self._resume(verbose)
@@ -195,6 +196,7 @@ class PPOTrainer:
                 "files, or move the run folder away to start a new run.")
         if found is not None:
             self.load(found)
+            self._checkpointed = (self.step_count, found)
         if distributed.is_main():
             _cut_metrics(self.run_dir / "metrics.jsonl", self.step_count)
         if verbose and distributed.is_main() and found is not None:
@@ -584,14 +586,18 @@ class PPOTrainer:
         `config.keep_checkpoints`), or into `folder` when given. Atomic and fsynced (labkit/rl/checkpoint.py);
         every process calls it in a multi-process run."""
         if folder is not None:
-            return checkpoint.save(self, folder)
-        if self.run_dir is None:
+            folder = checkpoint.save(self, folder)
+        elif self.run_dir is None:
             raise ValueError("This trainer has no run_dir: pass a folder, trainer.save('path/to/checkpoint').")
-        return checkpoint.save_step(self, self.run_dir, keep=self.config.keep_checkpoints)
+        else:
+            folder = checkpoint.save_step(self, self.run_dir, keep=self.config.keep_checkpoints)
+        self._checkpointed = (self.step_count, folder)
+        return folder
 
     def load(self, folder) -> None:
         """Restore a checkpoint written by `save` into this trainer (built with the same models)."""
         checkpoint.load(self, folder)
+        self._checkpointed = (self.step_count, Path(folder))
 
 
 def _clock(device: torch.device) -> float:
@@ -647,9 +653,11 @@ class _Before:
     """What an update changes, taken before it, so that a failed update can be undone (`PPOTrainer.step`).
 
     The random streams, the KL controller and the step count at the start; the weights, the optimiser's state
-    and the schedule just before the first optimiser step (`take_weights`): a copy of the trainable weights
-    and of Adam's two moments, on the host for a GPU model (about 3x the trainable weights' size while the
-    update runs; with LoRA only the adapters').
+    and the schedule just before the first optimiser step (`take_weights`). When the run folder holds a
+    checkpoint of exactly this state (a run_dir saving every update, or just resumed), that checkpoint is
+    the copy and nothing is held in memory. Otherwise: a copy of the trainable weights and of Adam's two
+    moments, on the host for a GPU model (3x the trainable weights while the update runs; with LoRA only the
+    adapters'; benchmarks/undo_cost.py measures it).
     """
 
     def __init__(self, trainer: PPOTrainer):
@@ -659,8 +667,13 @@ class _Before:
         self.kl_ctl = copy.deepcopy(trainer.kl_ctl.state_dict())
         self.step_count = trainer.step_count
         self.weights: list[torch.Tensor] | None = None
+        self.checkpoint: Path | None = None
 
     def take_weights(self, trainer: PPOTrainer) -> None:
+        step, folder = trainer._checkpointed
+        if step == trainer.step_count and folder is not None and checkpoint.is_complete(folder) == step:
+            self.checkpoint = folder
+            return
         opt = trainer.optimizer
         self.weights = [_host_copy(p) for p in trainer.params]
         self.optimizer = {p: {k: _host_copy(v) if torch.is_tensor(v) else v for k, v in st.items()}
@@ -676,6 +689,13 @@ class _Before:
         trainer.step_count = self.step_count
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer._grad_buffer = None
+        if self.checkpoint is not None:
+            history = trainer.history
+            checkpoint.load(trainer, self.checkpoint, check=False)  # the state this update started from
+            trainer.history = history
+            self.checkpoint = None
+            self.restore(trainer)  # and the random streams as they were at the start of the update
+            return
         if self.weights is None:
             return
         opt = trainer.optimizer

@@ -181,7 +181,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def weights_fingerprint(model) -> str:
     """sha256 of each parameter's name, shape, dtype and float64 sum (10 significant digits, so that the
     reduction order of another thread count does not change it). Tells a model from another with the same
-    shapes (gpt2 from a fine-tuned gpt2): one pass over the weights, ~0.1 s at 135M on a CPU."""
+    shapes (gpt2 from a fine-tuned gpt2): one pass over the weights, a fraction of a second at 135M on a CPU."""
     import hashlib
 
     h = hashlib.sha256()
@@ -191,17 +191,30 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def config_fingerprint(config) -> str:
+    """sha256 of a transformers config's settings, less where it was loaded from, the dtype and the library
+    version (recorded apart, or not part of what the model computes)."""
+    import hashlib
+    import json
+
+    settings = {k: v for k, v in config.to_dict().items()
+                if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def model_identity(model, tokenizer) -> dict:
-    """What a checkpoint records about the model it was trained from (compared on resume, `same_model`)."""
-    config = getattr(model, "config", None)
-    return {"name": getattr(config, "_name_or_path", "") or "", "model_type": getattr(config, "model_type", ""),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    """What a checkpoint records about the model it was trained from (compared on resume: `identity_differences`)."""
+    config = model.config
+    return {"name": getattr(config, "_name_or_path", "") or "", "model_type": config.model_type,
+            "config": config_fingerprint(config), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "weights": weights_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
 def identity_differences(saved: dict, current: dict) -> list[str]:
-    """The fields of two `model_identity`s that differ, as "field: saved -> current" lines."""
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)]
+    """The fields of two `model_identity`s that differ, as "field: saved -> current" lines. The name is not
+    compared (the same model in another folder or cache is the same model); it is shown in messages."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in current
+            if k != "name" and k in saved and saved[k] != current[k]]
 
 
 # --------------------------------------------------------------------------------------------------

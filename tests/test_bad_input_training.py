@@ -484,3 +484,18 @@ def test_an_explicit_save_interrupted_while_replacing_names_the_complete_copies(
     with pytest.raises(ckpt.CheckpointError, match="interrupted; complete copies: .*\\.old-mine-.*\\.tmp-mine-|"
                                                    "interrupted; complete copies: .*\\.tmp-mine-.*\\.old-mine-"):
         make().load(tmp_path / "mine")
+
+
+def test_a_model_of_another_configuration_with_the_same_weights_is_refused(saved_run, tmp_path):
+    run = resume_copy(saved_run, tmp_path)
+    model, tok = load_lm("tiny", device="cpu")
+    model.config.rope_theta = 500.0  # the same weights, computing something else
+    with pytest.raises(ckpt.CheckpointError, match="config: '"):
+        PPOTrainer(model, tok, TASK, dots, PROMPTS, config(), run_dir=run, verbose=False)
+
+
+def test_the_same_model_from_another_folder_resumes(saved_run, tmp_path):
+    run = resume_copy(saved_run, tmp_path)
+    model, tok = load_lm("tiny", device="cpu")
+    model.config._name_or_path = "/elsewhere/tiny"
+    assert PPOTrainer(model, tok, TASK, dots, PROMPTS, config(), run_dir=run, verbose=False).step_count == 2

@@ -10,14 +10,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from browser import (
-    chromium_or_skip,
-    jupyterlab,
-    launch_chromium,
-    open_notebook,
-    wait_for,
-)
 
+from browser import chromium_or_skip, jupyterlab, launch_chromium, open_notebook, wait_for
 from labkit.rl.checkpoint import latest
 
 pytestmark = pytest.mark.browser

@@ -19,20 +19,11 @@ import random
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn as nn
 
 from labkit import distributed
 from labkit.models import tokenizer_fingerprint
-from labkit.sampling import (
-    batch_slices,
-    is_sharded,
-    left_pad_mask,
-    lm_forward,
-    pad_left,
-    positions,
-    sample,
-    unwrap,
-)
+from labkit.sampling import batch_slices, is_sharded, left_pad_mask, lm_forward, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
 
 

@@ -30,44 +30,26 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn as nn
 
 from labkit import distributed
 from labkit.models import model_identity
-from labkit.optim import (
-    gradients_are_finite,
-    linear_decay_scheduler,
-    make_optimizer,
-    tensors_are_finite,
-)
+from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer, tensors_are_finite
 from labkit.reward import RewardModel
 from labkit.rl import checkpoint
-from labkit.rl.advantages import (
-    compute_gae,
-    global_whiten,
-    kl_penalty_rewards,
-    masked_mean,
-)
+from labkit.rl.advantages import compute_gae, global_whiten, kl_penalty_rewards, masked_mean
 from labkit.rl.config import PPOConfig
 from labkit.rl.interrupts import deferred_interrupt
 from labkit.rl.kl_controller import AdaptiveKLController, FixedKLController
 from labkit.rl.losses import policy_loss, value_loss
 from labkit.rl.value import SeparateValueModel, ValueHead
-from labkit.sampling import (
-    Rollout,
-    batch_slices,
-    forward_responses,
-    prefix_rows,
-    query_prefix,
-    sample,
-    unwrap,
-)
+from labkit.sampling import Rollout, batch_slices, forward_responses, prefix_rows, query_prefix, sample, unwrap
 from labkit.speed.checkpointing import checkpoint_blocks
 from labkit.tasks import Task, format_query, get_task
 
@@ -196,7 +178,6 @@ class PPOTrainer:
                 "files, or move the run folder away to start a new run.")
         if found is not None:
             self.load(found)
-            self._checkpointed = (self.step_count, found)
         if distributed.is_main():
             _cut_metrics(self.run_dir / "metrics.jsonl", self.step_count)
         if verbose and distributed.is_main() and found is not None:

@@ -31,6 +31,8 @@ Budget choices (the paper's settings are for 8 V100s, not for 2 CPU cores), all 
   for 774M; the code's 5e-5 for 124M) is for 5,000 to 60,000 labels and full fine-tuning: with 1,000
   labels and a partly frozen trunk, lr 1e-4 left the reward model near chance. (Until this sweep, -1 here
   trained the head alone: the copy of rho came frozen.)
+- reward normalisation as released: 512 untruncated rho samples in the full run (train_reward.py requests
+  256 and rounds up to whole rollout batches, one of 512 for the style tasks); fewer in --quick.
 - PPO: full fine-tuning with TF-style Adam at a learning rate far above the paper's 1.41e-5 / batch 1024,
   since only a few thousand episodes fit; the adaptive KL controller's horizon is shortened to match
   (the code's 10,000 episodes would leave beta fixed over so short a run).
@@ -53,7 +55,7 @@ from pathlib import Path
 import torch
 from record import emit  # this script's folder is on sys.path
 
-FULL = dict(n_labels=1000, rm_batch=16, rm_lr=6e-4, rm_epochs=1, rm_train_layers=16, norm_samples=64, ppo_updates=30,
+FULL = dict(n_labels=1000, rm_batch=16, rm_lr=6e-4, rm_epochs=1, rm_train_layers=16, norm_samples=512, ppo_updates=30,
             ppo_batch=64, ppo_minibatch=32, ppo_epochs=2, ppo_lr=5e-5, eval_prompts=47, eval_samples=4,
             time_budget=6900.0)
 QUICK = dict(n_labels=128, rm_batch=16, rm_lr=6e-4, rm_epochs=1, rm_train_layers=6, norm_samples=32, ppo_updates=8,
@@ -80,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--rm-epochs", type=int, help="passes over the labels (the paper: 1; 2 in the full run, see above)")
     p.add_argument("--rm-train-layers", type=int, help="top transformer layers trained in the reward model; -1 = all")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of labels kept out to measure accuracy")
-    p.add_argument("--norm-samples", type=int, help="rho samples for each reward normalisation")
+    p.add_argument("--norm-samples", type=int, help="rho samples for each reward normalisation (untruncated, as released)")
     # PPO
     p.add_argument("--ppo-updates", type=int, help="PPO updates (the learning rate decays to 0 over these)")
     p.add_argument("--ppo-batch", type=int, help="rollouts per PPO update")
@@ -172,7 +174,6 @@ def collect_labels(args, store, rho, tok, task, prompts, labeler):
         have = labeled()
         rate = (time.time() - t0) / max(1, have - first)
         log(f"labels: {have}/{args.n_labels} labeled ({rate:.2f} s/label, ~{rate * max(0, args.n_labels - have):.0f} s left)")
-    pairs = store.training_set(task=task.name, kind="train")[: args.n_labels]
     # How decisive the mock human is: VADER scores a 24-token continuation exactly 0 when it has no sentiment word.
     made = store.comparisons(task=task.name, kind="train")
     n_tied = n_all_tied = 0
@@ -182,7 +183,7 @@ def collect_labels(args, store, rho, tok, task, prompts, labeler):
         n_all_tied += len(set(s)) == 1
     stats = {"comparisons_sampled": len(made), "labels_top_tied_frac": round(n_tied / len(made), 3),
              "labels_all_tied_frac": round(n_all_tied / len(made), 3), "skip_ties": labeler.skip_ties}
-    return pairs, stats
+    return stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +358,7 @@ def main(argv=None):
     from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
     from labkit.rl import PPOConfig, PPOTrainer
-    from labkit.reward import KWayExample
+    from labkit.reward import examples_from_store
     from labkit.tasks import SENTIMENT
 
     out = Path(args.out)
@@ -377,8 +378,9 @@ def main(argv=None):
     # 1. labels ---------------------------------------------------------------------------------
     clock.begin()
     with LabelStore(out / "labels.db") as store:
-        pairs, label_stats = collect_labels(args, store, rho, tok, task, train_prompts, labeler)
-    examples = [KWayExample(c.query, list(c.responses), lab.best) for c, lab in pairs]
+        label_stats = collect_labels(args, store, rho, tok, task, train_prompts, labeler)
+        # on the stored token ids (the ones sampled and shown), in training_set's order as collect_labels counted
+        examples = examples_from_store(store, task, kind="train")[: args.n_labels]
     log(f"labels: {len(examples)} in {clock.end('labels'):.0f} s; {json.dumps(label_stats)}")
 
     # 2. reward model ------------------------------------------------------------------------------

@@ -66,15 +66,14 @@ def main(argv=None):
     from labkit.data import load_prompts
     from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
-    from labkit.reward import KWayExample, RewardConfig, RewardTrainer, reward_model_from_lm
+    from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
     from labkit.tasks import SENTIMENT
 
     prompts = [p.text for p in load_prompts(SENTIMENT, "train")]
     rho, tok = load_lm(args.model, dtype=args.dtype)
     rho.requires_grad_(False)
     with LabelStore(args.labels) as store:
-        pairs = store.training_set(task=SENTIMENT.name, kind="train")[: args.n_labels]
-    examples = [KWayExample(c.query, list(c.responses), lab.best) for c, lab in pairs]
+        examples = examples_from_store(store, SENTIMENT, kind="train")[: args.n_labels]  # on the stored token ids
     if not examples:
         raise SystemExit(f"{args.labels} holds no labeled sentiment comparisons")
 

@@ -47,7 +47,7 @@ def main():
                 for j in range(4)]
         examples.append(KWayExample(query, resp, i % 4))
     if args.dump_examples:
-        enc = lambda t: tok.encode(t, add_special_tokens=False)  # as RewardModel._encode does
+        enc = lambda t: tok.encode(t, add_special_tokens=False)  # as RewardModel.encode_texts does
         rows = [{"query": ex.query, "responses": ex.responses, "best": ex.best, "query_ids": enc(ex.query),
                  "response_ids": [enc(r) or [tok.eos_token_id] for r in ex.responses]} for ex in examples]
         with open(args.dump_examples, "w") as f:

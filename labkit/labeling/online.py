@@ -168,7 +168,7 @@ class OnlineLoop:
     # the reward model
 
     def _examples(self):
-        return [ex for kind in TRAINING_KINDS for ex in examples_from_store(self.store, self.task.name, kind)]
+        return [ex for kind in TRAINING_KINDS for ex in examples_from_store(self.store, self.task, kind)]
 
     def labels_since_fit(self) -> int:
         """Training examples (one per comparison and labeler) added since the last refit."""

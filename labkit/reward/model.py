@@ -1,13 +1,21 @@
 """The reward model r(x, y): an LM trunk plus a scalar head (trained in labkit.reward.train).
 
-Following the released code of Ziegler et al. (2019):
+Following the released code of Ziegler et al. (2019), rewards.py RewardModelTrainer:
 - r reads the final hidden state (after the last layer norm) at the last real token of query + response;
   head ~ N(0, 1/sqrt(d_model + 1)), bias 0; then r = gain * head(h) + bias.
+- The query r reads is the task's query WITHOUT its prefix and suffix (`reward_query`): the released code
+  formats queries only for the policy (train_policy.py: `Policy(embed_queries=lm_tasks.query_formatter(...))`)
+  and scores `score_fn(queries, responses)` on the raw ones (rewards.py TrainedRewardModel.score_fn concatenates
+  queries and responses), as its label files store them. For the style tasks both are the same.
 - Loss for "best of k": softmax cross-entropy over the k rewards (pairs are the k = 2 case). Chance: ln k.
 - One epoch by default, learning rate decayed linearly to 0.
-- gain and bias are not trained: `normalize` sets them before and after training so that r has mean 0
-  and std 1 on fresh samples from the frozen base model rho at the task temperature (so beta means the
-  same thing across runs). The sampler must be rho, not the reward model's own trunk.
+- `normalize` sets gain and bias before and after training so that r has mean 0 and std 1 on fresh,
+  untruncated samples from the frozen base model rho at the task temperature (so beta and the -1 penalty
+  mean the same thing across runs); it measures the raw head, as the released code resets gain 1 / bias 0
+  first (rewards.py reset_reward_scale). The sampler must be rho, not the reward model's own trunk.
+  Departure: the released code also TRAINS gain and bias between the two normalisations (they are in
+  RewardModelTrainer.get_params); labkit keeps them fixed while training. The second normalisation rescales
+  either way, so this changes only the training dynamics of one scalar (its effective learning rate).
 Saved without pickle: safetensors for weights, JSON for the config.
 """
 
@@ -27,6 +35,31 @@ from labkit.sampling import batch_slices, is_sharded, left_pad_mask, lm_forward,
 from labkit.tasks import Task, format_query
 
 
+def query_format_ids(task: Task, tokenizer) -> dict:
+    """The token ids `format_query` puts before and after a task's source text: {"prefix": [...], "suffix": [...]}."""
+    def enc(text):
+        return tokenizer.encode(text, add_special_tokens=False) if text else []
+    return {"prefix": enc(task.query_prefix), "suffix": enc(task.query_suffix)}
+
+
+def strip_query_format(query: list[int], query_format: dict | None) -> list[int]:
+    """A formatted query's ids without its prefix and suffix, as the reward model reads it (module docstring).
+
+    Each is removed only where the query starts / ends with it, so a query stored bare (the released label
+    files keep queries without them) is returned unchanged."""
+    if not query_format:
+        return list(query)
+    prefix, suffix = query_format["prefix"], query_format["suffix"]
+    start = len(prefix) if prefix and query[: len(prefix)] == prefix else 0
+    end = len(query) - len(suffix) if suffix and len(query) - start >= len(suffix) and query[len(query) - len(suffix):] == suffix else len(query)
+    return list(query[start:end])
+
+
+def reward_query(task: Task, tokenizer, query: list[int]) -> list[int]:
+    """`strip_query_format` with `task`'s prefix and suffix."""
+    return strip_query_format(query, query_format_ids(task, tokenizer))
+
+
 class RewardModel(nn.Module):
     """r(x, y) = gain * head(h_last) + bias on top of a causal LM's trunk (its vocabulary head is unused)."""
 
@@ -43,10 +76,13 @@ class RewardModel(nn.Module):
         with torch.no_grad():  # drawn on the CPU, so one seed gives one head on every device
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen) / math.sqrt(d_model + 1))
         nn.init.zeros_(self.head.bias)
-        # Set by `normalize`, not by gradient descent.
+        # Set by `normalize`, not by gradient descent (see the module docstring for the released code's choice).
         self.register_buffer("gain", torch.ones((), device=p.device))
         self.register_buffer("bias", torch.zeros((), device=p.device))
         self.task_name: str | None = None  # the task `normalize` set it up for; saved, and checked by `check_fits`
+        # The token ids of that task's query prefix and suffix, which r does not read (`reward_query`); saved, and
+        # checked by `check_fits` (a task with another format would hand r queries it was never trained on).
+        self.query_format: dict | None = None
 
     @property
     def device(self):
@@ -117,56 +153,89 @@ class RewardModel(nn.Module):
 
     # ---- convenience scoring -----------------------------------------------------------------
 
-    def _encode(self, queries: list[str], responses: list[str]):
+    def pad(self, queries: list[list[int]], responses: list[list[int]]):
+        """Token lists -> the tensors `forward` / `kway` take: left-padded queries (B, Q) and their lengths,
+        right-padded responses (N, R) and their lengths. An empty response is scored on EOS alone."""
         tok = self.tokenizer
-        q_ids, q_len = pad_left([tok.encode(q, add_special_tokens=False) for q in queries], tok.pad_token_id, self.device)
-        rs = [tok.encode(r, add_special_tokens=False) or [tok.eos_token_id] for r in responses]
+        q_ids, q_len = pad_left([list(q) for q in queries], tok.pad_token_id, self.device)
+        rs = [list(r) or [tok.eos_token_id] for r in responses]
         r_len = torch.tensor([len(r) for r in rs], device=self.device)
         r_ids = torch.full((len(rs), int(r_len.max())), tok.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rs):
             r_ids[i, : len(r)] = torch.tensor(r)
         return q_ids, q_len, r_ids.to(self.device), r_len
 
+    def encode_texts(self, queries: list[str], responses: list[str]):
+        """`pad` of the texts' token ids (no special tokens added)."""
+        tok = self.tokenizer
+        return self.pad([tok.encode(q, add_special_tokens=False) for q in queries],
+                        [tok.encode(r, add_special_tokens=False) for r in responses])
+
     @torch.no_grad()
     def score_texts(self, queries: list[str], responses: list[str], batch_size: int = 16) -> torch.Tensor:
-        """Normalised rewards (B,) for query/response texts."""
+        """Normalised rewards (B,) for query/response texts, re-encoded with r's tokenizer. Queries are as r reads
+        them: a summary task's source text without its "Article:" prefix or "TL;DR:" suffix. Text does not always
+        encode back to the ids a model sampled: to score samples, use `score_rollout` (or the stored ids)."""
         out = []
         for i in range(0, len(queries), batch_size):
-            out.append(self(*self._encode(queries[i : i + batch_size], responses[i : i + batch_size])))
+            out.append(self(*self.encode_texts(queries[i : i + batch_size], responses[i : i + batch_size])))
         return torch.cat(out)
 
     @torch.no_grad()
     def score_rollout(self, rollout, batch_size: int | None = None) -> torch.Tensor:
-        """Normalised rewards (B,) of a rollout's truncated responses, on its own tokens, `batch_size` at a
-        time (None: all at once)."""
+        """Normalised rewards (B,) of a rollout's truncated responses, on its own token ids, `batch_size` at a time
+        (None: all at once). The queries are read without the task's prefix and suffix (`self.query_format`,
+        set by `normalize`; `check_fits` makes sure it is the run's task's)."""
+        q_ids, q_len = self.reward_queries(rollout.query_ids, rollout.query_lengths)
         lengths = rollout.truncated_lengths.clamp(min=1)
-        return torch.cat([self(rollout.query_ids[s], rollout.query_lengths[s], rollout.truncated_ids[s], lengths[s])
+        return torch.cat([self(q_ids[s], q_len[s], rollout.truncated_ids[s], lengths[s])
                           for s in batch_slices(len(rollout), batch_size)])
+
+    def reward_queries(self, query_ids: torch.Tensor, query_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded formatted queries (B, Q) -> the same without the task's prefix and suffix (B, Q'), lengths."""
+        if not self.query_format or not (self.query_format["prefix"] or self.query_format["suffix"]):
+            return query_ids, query_lengths
+        rows = [ids[len(ids) - n:] for ids, n in zip(query_ids.tolist(), query_lengths.tolist())]
+        return pad_left([strip_query_format(r, self.query_format) for r in rows], self.tokenizer.pad_token_id,
+                        query_ids.device)
 
     # ---- normalisation -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def normalize(self, rho, task: Task, prompts: list[str], n_samples: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
+    def normalize(self, rho, task: Task, prompts: list[str], n_samples: int = 256, seed: int = 0, batch_size: int = 16,
+                  truncated: bool = False) -> dict:
         """Set gain/bias so that r ~ N(0, 1) on responses sampled from rho (the frozen base model).
 
-        `prompts` are source texts (formatted with the task); they are cycled if fewer than n_samples.
+        As released (train_reward.py RewardModelTrainer.normalize / sample_policy_responses): `n_samples` requested
+        samples rounded up to whole batches of `batch_size` (there, rollout_batch_size: 512 for the style tasks, so
+        one batch of 512 for 256 requested; 128 for summaries, so 256), each response scored whole as sampled,
+        untruncated (`policy.respond_op` does not truncate; only PPO's score_fn does). `truncated=True` measures on
+        the truncated responses PPO scores instead (labkit before it followed the released code).
+        `prompts` are source texts (formatted with the task); they are drawn with replacement (seeded).
         Chunk c of `batch_size` samples is drawn with seed + c, and under N processes chunks are shared out
         round-robin and the statistics taken over all of them: the result does not depend on N.
-        Returns the mean and std of the raw head before the change.
+        Also records the task (and its query format) this reward model is for. Returns the raw head's mean and
+        std before the change, and the number of samples.
         """
+        n_chunks = math.ceil(n_samples / batch_size)
         rng = random.Random(seed)
-        texts = [prompts[rng.randrange(len(prompts))] for _ in range(n_samples)]
+        texts = [prompts[rng.randrange(len(prompts))] for _ in range(n_chunks * batch_size)]
         queries = [format_query(task, t, self.tokenizer) for t in texts]
+        self.query_format = query_format_ids(task, self.tokenizer)  # r reads queries without them, as in training
         raws = [torch.zeros(0, device=self.device)]
-        mine = list(range(distributed.rank(), math.ceil(n_samples / batch_size), distributed.world_size()))  # chunk ids
+        mine = list(range(distributed.rank(), n_chunks, distributed.world_size()))  # chunk ids
         for j in range(distributed.max_over_processes(len(mine))):
             # a process with fewer chunks samples a stand-in one and drops it: sharded models need every process
             c = mine[j] if j < len(mine) else 0
             i = c * batch_size
             gen = torch.Generator(device=next(rho.parameters()).device).manual_seed(seed + c)
             roll = sample(rho, self.tokenizer, queries[i : i + batch_size], task, generator=gen)
-            raw = self.raw(roll.query_ids.to(self.device), roll.query_lengths.to(self.device),
-                           roll.truncated_ids.to(self.device), roll.truncated_lengths.clamp(min=1).to(self.device))
+            q_ids, q_len = self.reward_queries(roll.query_ids.to(self.device), roll.query_lengths.to(self.device))
+            if truncated:
+                r_ids, r_len = roll.truncated_ids, roll.truncated_lengths.clamp(min=1)
+            else:  # every response is response_length tokens long
+                r_ids, r_len = roll.response_ids, torch.full_like(roll.truncated_lengths, roll.response_ids.shape[1])
+            raw = self.raw(q_ids, q_len, r_ids.to(self.device), r_len.to(self.device))
             if j < len(mine):
                 raws.append(raw)
         mean, std = distributed.global_mean_std(torch.cat(raws))  # population std over every process's samples
@@ -174,7 +243,7 @@ class RewardModel(nn.Module):
         self.gain.fill_(1 / std)
         self.bias.fill_(-mean / std)
         self.task_name = task.name
-        return {"raw_mean": mean.item(), "raw_std": std.item()}
+        return {"raw_mean": mean.item(), "raw_std": std.item(), "samples": n_chunks * batch_size}
 
     # ---- save / load (no pickle) ---------------------------------------------------------------
 
@@ -195,8 +264,8 @@ class RewardModel(nn.Module):
         save_file(state, str(folder / "reward_model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "reward_config.json").write_text(json.dumps({
-            "format": "labkit-reward-model", "version": 2, "gain": self.gain.item(), "bias": self.bias.item(),
-            "task": self.task_name, "tokenizer": tokenizer_fingerprint(self.tokenizer)}))
+            "format": "labkit-reward-model", "version": 3, "gain": self.gain.item(), "bias": self.bias.item(),
+            "task": self.task_name, "query_format": self.query_format, "tokenizer": tokenizer_fingerprint(self.tokenizer)}))
         return folder
 
     def check_fits(self, task: Task, tokenizer, policy) -> None:
@@ -206,6 +275,10 @@ class RewardModel(nn.Module):
         if self.task_name is not None and self.task_name != task.name:
             raise ValueError(f"This reward model was trained for the task {self.task_name!r}, and this run is "
                              f"{task.name!r}: train one on {task.name!r} labels (or pass the matching task).")
+        if self.query_format is not None and self.query_format != query_format_ids(task, tokenizer):
+            raise ValueError(f"This reward model was trained on queries formatted with another prefix/suffix than the "
+                             f"task's ({task.query_prefix!r} / {task.query_suffix!r}): it would read queries it "
+                             "never saw. Train one on this task's labels, or keep the task's query_prefix/suffix.")
         if tokenizer_fingerprint(self.tokenizer) != tokenizer_fingerprint(tokenizer):
             raise ValueError("This reward model's tokenizer is not the policy's (their vocabularies or special "
                              "tokens differ): it would read the policy's token ids as other words. Train the "
@@ -239,6 +312,7 @@ class RewardModel(nn.Module):
         _setup_tokenizer(tokenizer)
         rm = cls(lm, tokenizer)
         rm.task_name = saved.get("task")  # None for a version-1 file: its task was not recorded
+        rm.query_format = saved.get("query_format")  # None before version 3: queries were read whole
         saved_tokenizer = saved.get("tokenizer")
         if saved_tokenizer is not None and saved_tokenizer != tokenizer_fingerprint(tokenizer):
             raise ValueError(f"{folder}/tokenizer is not the tokenizer this reward model was trained with (its "

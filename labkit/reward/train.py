@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from labkit import distributed
 from labkit.checks import above, at_least, check_types, in_range, one_of
 from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer
-from labkit.reward.model import RewardModel
+from labkit.reward.model import RewardModel, query_format_ids, strip_query_format
+from labkit.tasks import Task
 
 
 @dataclass
@@ -31,8 +32,10 @@ class RewardConfig:
     """Share of comparisons kept out of training to measure held-out loss and accuracy."""
     eval_every: int = 10
     """Optimiser steps between held-out evaluations (also evaluated at the end)."""
-    normalize_samples: int = 64
-    """How many rho samples set gain/bias before and after training."""
+    normalize_samples: int = 256
+    """rho samples that set gain/bias before and after training, untruncated (`RewardModel.normalize`). The released
+    code requests 256 and rounds up to whole rollout batches: 512 samples for the style tasks (one batch of 512),
+    256 for the summaries (two of 128); labkit's recipes (labkit.recipes) give those counts."""
     optimizer: str = "tf_adam"
     """"tf_adam" (TensorFlow's eps semantics, as the original) or "adam" (PyTorch's)."""
     seed: int = 0
@@ -53,16 +56,51 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class KWayExample:
-    """One labeled comparison: a query, k responses and the index of the best one."""
+    """One labeled comparison: a query, k responses and the index of the best one.
+
+    With token ids (`examples_from_store` fills them from the label store) the reward model trains and evaluates on
+    exactly the ids that were sampled, shown and that PPO scores; decoded text does not always encode back to the
+    same ids, and decoding drops special tokens. Without them the texts are encoded with the reward model's
+    tokenizer."""
 
     query: str
     responses: list[str]
     best: int
+    query_tokens: list[int] | None = None
+    """The query's ids as stored: formatted for the policy (with the task's prefix and suffix, which the reward
+    model does not read: `RewardTrainer` removes them, labkit.reward.model.strip_query_format)."""
+    response_tokens: list[list[int]] | None = None
+    """Each response's ids as scored (truncated)."""
+    task: Task | None = None
+    """The comparison's task: its query prefix and suffix are the ones removed (None: the query is read whole)."""
 
 
-def examples_from_store(store, task: str | None = None, kind: str | None = None) -> list[KWayExample]:
-    """The reward model's training set from a label store: one example per (comparison, labeler)."""
-    return [KWayExample(c.query, list(c.responses), lab.best) for c, lab in store.training_set(task=task, kind=kind)]
+def examples_from_store(store, task: Task | str | None = None, kind: str | None = None) -> list[KWayExample]:
+    """The reward model's training set from a label store: one example per (comparison, labeler), with the stored
+    token ids.
+
+    task: a Task (use it for a task of your own: its query prefix and suffix are the ones the reward model does not
+    read), one of the paper's task names, or None for every task in the store.
+    A comparison stored without token ids (`LabelStore.add_comparison` without them) is kept as text."""
+    from labkit.tasks import get_task
+
+    wanted = task.name if isinstance(task, Task) else task
+    tasks = {task.name: task} if isinstance(task, Task) else {}
+    out = []
+    for c, lab in store.training_set(task=wanted, kind=kind):
+        if c.task not in tasks:
+            try:
+                tasks[c.task] = get_task(c.task)
+            except KeyError:
+                raise ValueError(f"Comparison {c.id} is of the task {c.task!r}, which is not one of the paper's: pass "
+                                 "its Task object (examples_from_store(store, task=my_task)) so that the reward model "
+                                 "reads its queries as PPO will.") from None
+        have_tokens = bool(c.query_tokens) and all(c.response_tokens)
+        out.append(KWayExample(c.query, list(c.responses), lab.best,
+                               query_tokens=list(c.query_tokens) if have_tokens else None,
+                               response_tokens=[list(t) for t in c.response_tokens] if have_tokens else None,
+                               task=tasks[c.task]))
+    return out
 
 
 def kway_loss(rewards: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +118,39 @@ class RewardTrainer:
         self.config = config or RewardConfig()
         self.history: list[dict] = []
         self.step = 0
+        self._formats: dict = {}  # Task -> its query format ids (`_query_format`)
 
     def _batch_rewards(self, batch: list[KWayExample]) -> torch.Tensor:
         k = len(batch[0].responses)
         if any(len(ex.responses) != k for ex in batch):
             raise ValueError("All comparisons in a batch must have the same number of responses k.")
-        queries = [ex.query for ex in batch]
-        responses = [r for ex in batch for r in ex.responses]
-        return self.rm.kway(*self.rm._encode(queries, responses))  # (B, k): each query runs once for its k responses
+        queries, responses = zip(*(self._tokens(ex) for ex in batch))
+        q_ids, q_len, r_ids, r_len = self.rm.pad(list(queries), [r for rs in responses for r in rs])
+        return self.rm.kway(q_ids, q_len, r_ids, r_len)  # (B, k): each query runs once for its k responses
+
+    def _tokens(self, ex: KWayExample) -> tuple[list[int], list[list[int]]]:
+        """The ids the reward model reads for one example: the stored ones (the query without its task's prefix and
+        suffix, as `RewardModel.score_rollout` reads PPO's), else the texts encoded."""
+        tok = self.rm.tokenizer
+        if ex.query_tokens is None or ex.response_tokens is None:
+            return tok.encode(ex.query, add_special_tokens=False), [tok.encode(r, add_special_tokens=False) for r in ex.responses]
+        query_format = self._query_format(ex.task)
+        return strip_query_format(ex.query_tokens, query_format), ex.response_tokens
+
+    def _query_format(self, task: Task | None) -> dict | None:
+        """`task`'s prefix/suffix ids; the first one seen is recorded on the reward model (if `normalize` has not
+        yet), and a different one later is refused: one reward model reads one task's queries."""
+        if task is None:
+            return None
+        fmt = self._formats.get(task)
+        if fmt is None:
+            fmt = self._formats[task] = query_format_ids(task, self.rm.tokenizer)
+            if self.rm.query_format is None:
+                self.rm.query_format = fmt
+            elif self.rm.query_format != fmt:
+                raise ValueError(f"These labels are of the task {task.name!r}, whose query prefix/suffix differ from "
+                                 "the ones this reward model was normalised for: train one reward model per task.")
+        return fmt
 
     @torch.no_grad()
     def evaluate(self, examples: list[KWayExample], batch_size: int | None = None) -> dict:

@@ -13,14 +13,7 @@ import torch
 
 from labkit.labeling.comparisons import comparison_item, rollout_rows
 from labkit.labeling.store import LabelStore
-from labkit.reward import (
-    KWayExample,
-    RewardConfig,
-    RewardModel,
-    RewardTrainer,
-    examples_from_store,
-    reward_model_from_lm,
-)
+from labkit.reward import KWayExample, RewardConfig, RewardModel, RewardTrainer, examples_from_store, reward_model_from_lm
 from labkit.reward.model import query_format_ids, reward_query, strip_query_format
 from labkit.sampling import decode_responses, pad_left, sample
 from labkit.tasks import SENTIMENT, TLDR, TruncationRule, format_query

@@ -16,7 +16,7 @@ FLOORS = {
     "labkit": 1, "labkit.tasks": 1, "labkit.data": 1, "labkit.models": 1, "labkit.optim": 1, "labkit.distributed": 1,
     "labkit.sampling": 1,
     "labkit.reward": 2,
-    "labkit.rl": 3, "labkit.evaluate": 3, "labkit.sft": 3,
+    "labkit.rl": 3, "labkit.evaluate": 3, "labkit.sft": 3, "labkit.recipes": 3,  # recipes: PPOConfig + RewardConfig
     "labkit.labeling": 4,
     "labkit.scale": 5, "labkit.widgets": 5,
 }

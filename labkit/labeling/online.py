@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,8 +59,9 @@ class OnlineConfig:
     The paper refits 19 times at evenly spaced label counts: use about label_budget / 20."""
     ppo_updates_per_round: int = 2
     """PPO updates per `round()` (cell-by-cell mode)."""
-    reward_config: RewardConfig = field(default_factory=RewardConfig)
-    """How each refit trains r; its `normalize_samples` and `seed` also set r's normalisation on rho."""
+    reward_config: RewardConfig | None = None
+    """How each refit trains r; its `normalize_samples` and `seed` also set r's normalisation on rho. None = the
+    task's recipe (labkit.recipes; RewardConfig's defaults for a task without one)."""
     seed: int = 0
     """Seeds which prompts new comparisons use and the sampling of their responses."""
 
@@ -73,6 +74,13 @@ class OnlineConfig:
         at_least(self, "refit_every_labels", 1)
         at_least(self, "ppo_updates_per_round", 1)
         at_least(self, "seed", 0)
+
+
+def _recipe_reward_config(task) -> RewardConfig:
+    from labkit.recipes import RECIPES  # here: labkit.recipes imports labkit.rl, which imports the trainer
+
+    recipe = RECIPES.get(task.name)
+    return recipe.reward_config() if recipe else RewardConfig()
 
 
 def _text(prompt: Prompt | str) -> str:
@@ -177,7 +185,7 @@ class OnlineLoop:
     def refit(self, dashboard=None) -> dict:
         """Train a new r from scratch on all labels so far and swap it into the trainer; returns its final
         metrics. The old r keeps scoring PPO until the swap, so this may run while PPO trains."""
-        cfg = self.config.reward_config
+        cfg = self.config.reward_config or _recipe_reward_config(self.task)
         examples = self._examples()
         texts = [_text(p) for p in self.prompts]
         # 1. a fresh head on a copy of rho, normalised on rho's samples so that beta keeps its meaning

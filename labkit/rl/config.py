@@ -9,11 +9,13 @@ from labkit.checks import above, at_least, check_types, fail, in_range, one_of
 
 @dataclass
 class PPOConfig:
-    """PPO settings. Defaults follow the released code where a CPU can afford it (see each field)."""
+    """PPO settings. Defaults follow the released code's style tasks where a CPU can afford it (see each field);
+    `labkit.recipes.recipe_for(task).ppo_config()` gives each paper task's (summaries: lr 2e-6, no reward
+    whitening), and job files take what they leave out from it."""
 
     batch_size: int = 64
     """Rollouts per update and process: N processes sample N * batch_size in all (the paper: 1024 style /
-    512 summaries in all; code at 124M: 512 / 32)."""
+    512 summaries in all; code at 124M: 512 / 32; labkit.recipes on a CPU: 64 / 16)."""
     minibatch_size: int | None = None
     """Rollouts per optimiser step; None = the whole batch (the code's 1 minibatch)."""
     micro_batch_size: int | None = None
@@ -23,7 +25,7 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each batch, with a fresh permutation each pass."""
     lr: float = 1e-5
-    """Peak learning rate, decayed linearly to 0 over `total_updates` (code: 1e-5 style, 2e-6 TL;DR)."""
+    """Peak learning rate, decayed linearly to 0 over `total_updates` (code: 1e-5 style, 2e-6 summaries)."""
     total_updates: int = 100
     """Planned number of updates: sets the learning-rate decay horizon."""
     optimizer: str = "tf_adam"
@@ -45,7 +47,8 @@ class PPOConfig:
     vf_coef: float = 0.1
     """Value-loss coefficient in loss = pg_loss + vf_coef * vf_loss."""
     whiten_rewards: bool = True
-    """Scale per-token rewards by 1/std over the batch, keeping the mean (the code's default)."""
+    """Scale per-token rewards by 1/std over the batch, keeping the mean (the code's default; launch.py meant it
+    off for the summaries, as labkit.recipes has it: see Recipe.whiten_rewards)."""
     value_model: str = "shared"
     """"shared" (head on the policy trunk, zero init) or "separate" (a copy of the reward model)."""
     lora_r: int = 0

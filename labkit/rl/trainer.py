@@ -90,8 +90,8 @@ class PPOTrainer:
 
     def __init__(self, policy, tokenizer, task: Task | str, reward: RewardModel | RewardFn, prompts,
                  config: PPOConfig | None = None, run_dir: str | os.PathLike | None = None, verbose: bool = True):
-        self.config = cfg = config or PPOConfig()
         self.task = get_task(task)
+        self.config = cfg = config or _recipe_ppo_config(self.task)
         self.tokenizer = tokenizer
         self.reward = reward
         self.prompts = _as_prompt_texts(prompts)
@@ -727,3 +727,11 @@ def _cut_metrics(path: Path, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _recipe_ppo_config(task: Task) -> PPOConfig:
+    """The task's recipe (labkit.recipes), or PPOConfig's defaults for a task without one."""
+    from labkit.recipes import RECIPES  # here: labkit.recipes imports labkit.rl, whose __init__ imports this module
+
+    recipe = RECIPES.get(task.name)
+    return recipe.ppo_config() if recipe else PPOConfig()

@@ -67,7 +67,7 @@ def _say_layout(name: str, module) -> None:
 # labkit train-reward
 
 
-def _read_examples(job: RewardJob, task_name: str):
+def _read_examples(job: RewardJob, task):
     from labkit.labeling.store import LabelStore
     from labkit.reward import examples_from_store
 
@@ -75,7 +75,7 @@ def _read_examples(job: RewardJob, task_name: str):
     if not path.exists():  # LabelStore would create an empty store: refuse instead
         raise FileNotFoundError(f"Label store {path} does not exist (RewardJob.labels).")
     with LabelStore(path) as store:
-        return [ex for kind in job.label_kinds for ex in examples_from_store(store, task_name, kind)]
+        return [ex for kind in job.label_kinds for ex in examples_from_store(store, task, kind)]
 
 
 def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
@@ -91,7 +91,7 @@ def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
     task = job.task_spec()
     out = Path(job.output_dir)
     # 1. labels: the main process reads the database, every process gets the examples
-    examples = distributed.run_on_main(lambda: _read_examples(job, task.name))
+    examples = distributed.run_on_main(lambda: _read_examples(job, task))
     _say(f"{len(examples)} labeled comparisons for task {task.name!r} on {distributed.world_size()} process(es).")
     # 2. rho and a fresh reward model on a copy of it; the same initial head on every process
     torch.manual_seed(cfg.seed)

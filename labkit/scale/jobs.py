@@ -4,9 +4,14 @@ A job holds the same config dataclasses the notebook uses (`RewardConfig`, `PPOC
 notebook set up by hand: which model, task, prompts, labels and output folder.
 
     job = PPOJob(run_dir="runs/ppo", n_updates=200, model="gpt2-large", task="sentiment",
-                 reward="runs/rm", ppo=PPOConfig(batch_size=64, lr=1e-5, total_updates=200))
+                 reward="runs/rm", ppo=recipe_for("sentiment").ppo_config(total_updates=200))
     job.save("ppo.yaml")          # YAML for .yaml / .yml, JSON for anything else
     # on the cluster:  accelerate launch --config_file ddp.yaml -m labkit.scale.cli ppo ppo.yaml
+
+Settings left out come from the task's recipe (labkit.recipes), not from the dataclasses' defaults: a job built
+without `ppo=` / `reward=`, and each field a file's `ppo:` / `reward:` section does not list (so `ppo: {lr: 3e-6}`
+for tldr keeps the recipe's whiten_rewards False). A saved job writes every field, so that it means the same
+if a recipe changes later.
 
 `load` refuses unknown keys (naming the known ones), a file written for the other command, and bad values
 (the dataclasses' `__post_init__`, labkit.checks), all with the file's name, before any model loads. YAML
@@ -22,6 +27,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from labkit.checks import at_least, check_types, fail, non_empty, one_of
+from labkit.recipes import RECIPES, Recipe, recipe_for
 from labkit.reward import RewardConfig
 from labkit.rl.config import PPOConfig
 from labkit.tasks import Task, TruncationRule, get_task
@@ -52,8 +58,9 @@ class RewardJob:
     """Prompts whose rho samples set the normalisation: "demo", "hub" or a local file (labkit.data)."""
     prompt_split: str = "train"
     """"train", "validation" or "all" (demo and hub sources)."""
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    """Training settings; `reward.batch_size` is per optimiser step over ALL processes (each takes a share)."""
+    reward: RewardConfig | None = None
+    """Training settings; None = the task's recipe (`recipe_for(task).reward_config()`). `reward.batch_size` is
+    per optimiser step over ALL processes (each takes a share)."""
     dtype: str | None = None
     """Weights' dtype, e.g. "float32" or "bfloat16"; None = fp32 (on a GPU the matmuls still run in bf16 autocast)."""
 
@@ -65,8 +72,11 @@ class RewardJob:
             fail(self, "label_kinds", "must name at least one comparison kind, e.g. [train, validation].")
         one_of(self, "prompt_split", SPLITS)
         one_of(self, "dtype", DTYPES)
-        self.reward.__post_init__()  # again: the config may have been changed after it was built
+        if self.reward is not None:
+            self.reward.__post_init__()  # again: the config may have been changed after it was built
         self.task_spec()  # unknown task names, override keys or values fail here, not after the models load
+        if self.reward is None:  # after task_spec: an unknown task is named as such, not as a missing recipe
+            self.reward = recipe_for(self.task).reward_config()
 
     def save(self, path) -> Path:
         return _save(self, "train-reward", path)
@@ -100,8 +110,9 @@ class PPOJob:
     """"demo" (embedded), "hub" (the paper's datasets) or a local file (labkit.data.load_prompts)."""
     prompt_split: str = "train"
     """"train", "validation" or "all" (demo and hub sources)."""
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    """PPO settings; `ppo.batch_size` rollouts are sampled by EACH process per update."""
+    ppo: PPOConfig | None = None
+    """PPO settings; None = the task's recipe (`recipe_for(task).ppo_config()`). `ppo.batch_size` rollouts are
+    sampled by EACH process per update."""
     dtype: str | None = None
     """Model dtype; None = labkit's choice."""
 
@@ -112,8 +123,11 @@ class PPOJob:
         at_least(self, "n_updates", 1, "updates the run reaches in total")
         one_of(self, "prompt_split", SPLITS)
         one_of(self, "dtype", DTYPES)
-        self.ppo.__post_init__()  # again: the config may have been changed after it was built
+        if self.ppo is not None:
+            self.ppo.__post_init__()  # again: the config may have been changed after it was built
         self.task_spec()
+        if self.ppo is None:  # the learning rate decays to 0 over the updates this job runs
+            self.ppo = recipe_for(self.task).ppo_config(total_updates=self.n_updates)
 
     def save(self, path) -> Path:
         return _save(self, "ppo", path)
@@ -145,7 +159,8 @@ def build_task(name: str, overrides: dict) -> Task:
         raise ValueError(str(err) if str(err).startswith("Unknown") else f"task_overrides: {err}") from None
 
 
-def _from_dict(cls, data: dict, where: str):
+def _from_dict(cls, data: dict, where: str, base=None):
+    """cls(**data), checked; with `base` (a cls instance) the fields `data` leaves out are base's."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got {type(data).__name__}.")
     known = {f.name for f in fields(cls)}
@@ -155,7 +170,7 @@ def _from_dict(cls, data: dict, where: str):
     missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ValueError(f"{where} lacks the required keys {missing}.")
-    return cls(**data)
+    return cls(**data) if base is None else replace(base, **data)
 
 
 def _save(job, command: str, path) -> Path:
@@ -221,8 +236,13 @@ def _parse(cls, command: str, path: Path, text: str):
     written_for = data.pop("job", command)
     if written_for != command:
         raise ValueError(f"{path} is a job for `labkit {written_for}`, not `labkit {command}`.")
-    nested = {"reward": RewardConfig} if cls is RewardJob else {"ppo": PPOConfig}
-    for key, sub in nested.items():
-        if key in data:
-            data[key] = _from_dict(sub, data[key], f"{path}: {key}")
+    key, sub, from_recipe = ("reward", RewardConfig, Recipe.reward_config) if cls is RewardJob else \
+        ("ppo", PPOConfig, Recipe.ppo_config)
+    if data.get(key) is not None:  # absent or null: the job's __post_init__ takes the whole section from the recipe
+        task = data.get("task", next(f.default for f in fields(cls) if f.name == "task"))
+        recipe = RECIPES.get(task) if isinstance(task, str) else None  # None: the job refuses the task below
+        # a PPO section without total_updates decays the learning rate over the job's n_updates, not the recipe's 100
+        n = data.get("n_updates")
+        extra = {"total_updates": n} if key == "ppo" and isinstance(n, int) and not isinstance(n, bool) and n >= 1 else {}
+        data[key] = _from_dict(sub, data[key], f"{path}: {key}", base=from_recipe(recipe, **extra) if recipe else None)
     return _from_dict(cls, data, str(path))  # its __post_init__ checks the values and builds the task

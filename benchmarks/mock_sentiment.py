@@ -325,9 +325,9 @@ def evaluate(args, model, tok, task, val_prompts, labeler, rm, rho_model=None, a
             args_ = (roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s], task.temperature)
             if adapters_off is not None:
                 with adapters_off():
-                    ref.append(score_logprobs(model, *args_))
+                    ref.append(score_logprobs(model, *args_, masked_ids=roll.masked_ids))
             else:
-                ref.append(score_logprobs(rho_model, *args_))
+                ref.append(score_logprobs(rho_model, *args_, masked_ids=roll.masked_ids))
         out["kl"] = (roll.logprobs - torch.cat(ref)).sum(-1).mean().item()
     texts = [{"query": roll.query_texts[i][-160:], "response": roll.response_texts[i], "vader": vader[i]}
              for i in range(0, len(roll), args.eval_samples)]

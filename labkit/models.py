@@ -14,6 +14,7 @@ Run `python -m labkit.models --prepare` to do that conversion ahead of time (the
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import shutil
@@ -24,11 +25,15 @@ from pathlib import Path
 import torch
 
 from labkit import speed
+from labkit.tasks import special_token_ids
 
 EMBEDDED = "smollm2-135m"
 TINY = "tiny"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = "labkit-complete.json"  # written last: a folder without it is an unfinished conversion
+_ADDED_PAD = "<|pad|>"  # the pad `_setup_tokenizer` adds where a tokenizer has none distinct from EOS
+# GPT-2's document separator, kept by that name in SmolLM2, Qwen, StarCoder; Llama 3's is <|end_of_text|>
+_DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>")
 
 
 class ModelLoadError(RuntimeError):
@@ -147,8 +152,73 @@ def _setup_tokenizer(tokenizer):
     if unk is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
         tokenizer.pad_token = unk  # SmolLM2: <|endoftext|> (id 0), EOS is <|im_end|> (id 2)
         return False
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # e.g. gpt2, whose only special token is EOS
+    tokenizer.add_special_tokens({"pad_token": _ADDED_PAD})  # e.g. gpt2, whose only special token is EOS
     return True
+
+
+def _chat_template_text(tokenizer) -> str:
+    """The tokenizer's chat template(s) as one string ("" for none); a tokenizer may hold several by name."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return "\n".join(template.values()) if isinstance(template, dict) else str(template)
+
+
+def document_separator_id(tokenizer) -> int | None:
+    """The special token that separates documents in the model's plain pretraining text, or None.
+
+    The paper's GPT-2 could sample its <|endoftext|> (released policy.py, Policy.step_core, keeps all n_vocab
+    ids), so labkit keeps the same token: the special token named <|endoftext|> (GPT-2, SmolLM2 base and
+    instruct, Qwen, StarCoder) or <|end_of_text|> (Llama 3) where the tokenizer has one; else the EOS token, unless the chat template writes it
+    out (a base model's EOS, such as Llama-2's </s>, ends its documents; an instruct model's <|im_end|> or
+    <|eot_id|> ends a chat turn). None for a tokenizer with neither (every special id is then masked).
+    """
+    for i in sorted(special_token_ids(tokenizer)):
+        if tokenizer.convert_ids_to_tokens(i) in _DOCUMENT_SEPARATORS:
+            return i
+    eos = tokenizer.eos_token
+    if eos is not None and eos != _ADDED_PAD and eos not in _chat_template_text(tokenizer):
+        return tokenizer.eos_token_id
+    return None
+
+
+def masked_token_report(tokenizer, vocab_size: int) -> list[tuple[int, str | None, str]]:
+    """What `never_sampled_ids` masks and why: (id, token or None, reason), by id.
+
+    The released code samples from and normalises over GPT-2's real vocabulary only (policy.py Policy.step_core
+    slices `lm_logits[:,:,:n_vocab]`, "we don't want to generate special tokens"), so labkit masks, for a head
+    of `vocab_size` rows:
+    (a) rows >= len(tokenizer): no token decodes from them (a head padded to a round size);
+    (b) a pad token labkit added (`_setup_tokenizer`'s <|pad|>, e.g. for GPT-2): untrained, never in any text;
+    (c) every other special token (named, or added and marked special) but the document separator
+        (`document_separator_id`): chat-template control tokens (<|im_start|>, <|im_end|>: sampling them
+        leaves role words such as "assistant" in plain-text samples) and markers that plain pretraining text
+        never contains (SmolLM2's <repo_name>, <jupyter_code>, ...).
+    Kept: the separator even where it is also labkit's pad (SmolLM2's id 0): masks come from lengths, never
+    from `token == pad`. Added tokens not marked special (extra whitespace tokens, say) are plain text: kept.
+    SmolLM2-135M-Instruct: ids 1-16 masked, 0 kept; GPT-2 with labkit's pad: 50257 masked, 50256 kept.
+    """
+    keep = document_separator_id(tokenizer)
+    template = _chat_template_text(tokenizer)
+    rows: list[tuple[int, str | None, str]] = []
+    for i in sorted(special_token_ids(tokenizer)):
+        if i == keep or i >= vocab_size:  # the separator; or a token the head has no row for (never sampled)
+            continue
+        token = tokenizer.convert_ids_to_tokens(i)
+        if token == _ADDED_PAD and i == tokenizer.pad_token_id:
+            reason = "pad token added by labkit: untrained, in no text"
+        elif token in template:
+            reason = "chat-template control token"
+        else:
+            reason = "special token that plain pretraining text never contains"
+        rows.append((i, token, reason))
+    rows += [(i, None, "head row beyond the tokenizer: no token") for i in range(len(tokenizer), vocab_size)]
+    return rows
+
+
+@functools.lru_cache(maxsize=32)
+def never_sampled_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:
+    """The head columns labkit never samples and leaves out of every log-prob (`masked_token_report` says which
+    and why), sorted; cached per (tokenizer object, head size): `sample` asks once per call."""
+    return tuple(i for i, _, _ in masked_token_report(tokenizer, vocab_size))
 
 
 def load_tokenizer(name: str = EMBEDDED):

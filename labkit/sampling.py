@@ -7,20 +7,51 @@ Conventions (shapes): B batch, Q query length (left-padded), R response length, 
   `min_new_tokens` would forbid it and so change the distribution; we run our own KV-cache loop).
 - Log-probs are of the temperature-scaled distribution, log softmax(logits / T), for the sampler and
   for every scoring pass (the paper: the KL is between the tempered distributions).
+- `masked_ids`: vocabulary columns that are never sampled and left out of every log-prob's normalisation
+  (labkit.models.never_sampled_ids: chat control tokens, labkit's added pad, head rows with no token). The
+  released code slices the logits to the real vocabulary in every pass (policy.py Policy.step_core,
+  `lm_logits[:,:,:n_vocab]`, used by both the sampler and the scoring passes); here their logits are set to
+  MASKED_LOGIT after the temperature, in the sampler and in every scoring pass alike, so that pi, rho and the
+  sampler share one distribution. `sample` computes them from its tokenizer; the scoring passes take them
+  as an argument (None = the whole head).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from labkit.models import never_sampled_ids
 from labkit.speed import last_mlp
 from labkit.speed.blocks import unwrap
 from labkit.tasks import Task, token_ids_matching, truncation_index
+
+MASKED_LOGIT = -1e9
+"""The tempered logit of a masked column, written into fp32 (or wider) logits: exp(-1e9 - logsumexp) is exactly 0,
+so the column gets no probability and no gradient, and p * log p there is 0 * (-1e9) = 0 (an entropy stays finite, where
+-inf would give 0 * -inf = NaN). Set after dividing by the temperature, so that a small T cannot overflow it."""
+
+
+def masked_ids_for(model, tokenizer) -> tuple[int, ...]:
+    """The ids `model`'s head never samples with `tokenizer` (labkit.models.never_sampled_ids over its head's rows):
+    what `sample` masks by default, and what every scoring pass of its responses must pass as `masked_ids`."""
+    head = unwrap(model).get_output_embeddings()
+    rows = head.weight.shape[0] if head is not None else unwrap(model).config.vocab_size  # global rows under FSDP
+    return never_sampled_ids(tokenizer, rows)
+
+
+def mask_index(masked_ids: Sequence[int] | torch.Tensor | None, device) -> torch.Tensor | None:
+    """`masked_ids` as a 1-D long tensor on `device` for `index_fill_`, or None when there is nothing to mask."""
+    if masked_ids is None or len(masked_ids) == 0:
+        return None
+    if isinstance(masked_ids, torch.Tensor):
+        return masked_ids.to(device=device, dtype=torch.long)
+    return torch.tensor(list(masked_ids), dtype=torch.long, device=device)
 
 
 def pad_left(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +95,10 @@ class Rollout:
     # (B, kv_heads, Q-1, head_dim) per layer, kept only when asked for (`sample(keep_query_prefix=True)`):
     # PPO's scoring pass continues from them instead of running pi over the queries again.
     query_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # The ids the sampler never sampled (`sample`'s `masked_ids`, sorted), or None for the whole head: scoring
+    # passes over these responses pass the same (`forward_responses(masked_ids=...)`) so that both sides of a
+    # ratio or a KL are one distribution.
+    masked_ids: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -75,7 +110,7 @@ def truncate(response_ids: torch.Tensor, task: Task, tokenizer) -> tuple[torch.T
     if task.truncation is None:
         dev = response_ids.device
         return response_ids.clone(), torch.full((B,), R, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
-    match = token_ids_matching(tokenizer, task.truncation.text)
+    match = token_ids_matching(tokenizer, task.truncation.text, task.truncation.tokens)
     rows = response_ids.tolist()
     out = response_ids.clone()
     lengths, found = [], []
@@ -103,21 +138,31 @@ def sample(
     batch_size: int | None = None,
     response_length: int | None = None,
     keep_query_prefix: bool = False,
+    masked_ids: Sequence[int] | None | str = "tokenizer",
 ) -> Rollout:
     """Sample exactly `task.response_length` tokens per query at the task temperature (top_k 0, top_p 1).
 
     `generator` makes sampling reproducible (it must live on the model's device). `batch_size` splits a
     large request into chunks to bound memory; all chunks share one left-padding width.
     `keep_query_prefix` keeps the prefill's keys and values in `Rollout.query_prefix` (see `query_prefix`).
+    `masked_ids`: the ids never sampled (module docstring); "tokenizer" (the default) computes them
+    (`masked_ids_for(model, tokenizer)`), None samples from the whole head. Scoring passes of these responses
+    must mask the same ids (`forward_responses(masked_ids=rollout.masked_ids)`).
     """
     device = next(model.parameters()).device
     R = response_length or task.response_length
+    if isinstance(masked_ids, str):
+        if masked_ids != "tokenizer":
+            raise ValueError(f"masked_ids = {masked_ids!r}: must be 'tokenizer', None or a sequence of token ids.")
+        masked_ids = masked_ids_for(model, tokenizer)
+    masked_ids = tuple(sorted(int(i) for i in masked_ids)) if masked_ids is not None and len(masked_ids) else None
+    masked = mask_index(masked_ids, device)
     query_ids, query_lengths = pad_left(queries, tokenizer.pad_token_id, device)
     step = batch_size or len(queries)
     responses, logprobs, prefixes = [], [], []
     for start in range(0, len(queries), step):
         ids, lp, prefix = _sample_chunk(model, query_ids[start : start + step], query_lengths[start : start + step], R,
-                                        task.temperature, generator, keep_query_prefix)
+                                        task.temperature, generator, keep_query_prefix, masked)
         responses.append(ids)
         logprobs.append(lp)
         prefixes.append(prefix)
@@ -134,6 +179,7 @@ def sample(
         query_texts=tokenizer.batch_decode(queries, skip_special_tokens=True),
         response_texts=decode_responses(tokenizer, truncated_ids, truncated_lengths),
         query_prefix=_cat_prefixes(prefixes, query_ids.shape[1]) if keep_query_prefix else None,
+        masked_ids=masked_ids,
     )
 
 
@@ -287,11 +333,12 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     return (j * block + k).clamp_(max=V - 1)  # the clamp only matters for a row with no mass at all
 
 
-def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, keep_prefix=False):
+def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, keep_prefix=False, masked=None):
     """KV-cache sampling loop: response_ids (B, R), logprobs (B, R), and (if `keep_prefix`) the prefill's keys
     and values per layer (`_prefix_of`), else None.
 
-    The vocabulary head runs on one position per step (logits_to_keep=1).
+    The vocabulary head runs on one position per step (logits_to_keep=1). `masked`: a 1-D long tensor of
+    columns never sampled (`mask_index`), or None.
     """
     B, Q = query_ids.shape
     mask = left_pad_mask(query_lengths, Q)
@@ -302,7 +349,10 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, ke
     logits, _, cache = lm_forward(model, query_ids, mask, pos, keep=1, use_cache=True, only=mask.new_tensor([Q - 1]))  # token 0's
     prefill = _prefix_of(cache) if keep_prefix else None  # taken now: the loop replaces the cache's tensors
     for t in range(R):
-        logp = F.log_softmax(logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        scaled = logits[:, -1].float() / temperature  # (B, V), a new tensor: masked in place below
+        if masked is not None:
+            scaled.index_fill_(-1, masked, MASKED_LOGIT)
+        logp = F.log_softmax(scaled, dim=-1)  # (B, V)
         tok = sample_categorical(logp.exp(), generator)  # (B, 1)
         tokens[:, t] = tok[:, 0]
         logprobs[:, t] = logp.gather(-1, tok)[:, 0]
@@ -317,6 +367,10 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, ke
 class _TemperedLogprobs(torch.autograd.Function):
     """log softmax(logits / T)[ids], computed in the logits' own buffer, with a backward that reuses it.
 
+    `masked` (a 1-D long tensor or None): columns set to MASKED_LOGIT after the division, in whichever buffer
+    the log-softmax reads (no extra (B, R, V) tensor), so they are out of the normalisation; their gradient
+    is 0 (they are constants), which the backward enforces even for a response holding a masked id.
+
     A fresh (B, R, V) tensor is costly on a CPU: 75 MB for 16 x 24 x 49,152 floats, above glibc's mmap
     threshold, so every one is new pages for the kernel to map and zero. The plain chain (divide, log_softmax,
     gather) allocates two in forward and three in backward (the gather's zeros, log_softmax's gradient, the
@@ -329,38 +383,48 @@ class _TemperedLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, temperature):
+    def forward(ctx, logits, ids, temperature, masked=None):
         ctx.set_materialize_grads(False)  # else backward gets a zero-filled (B, R, V) for the second output
-        if logits.dtype in (torch.float16, torch.bfloat16):  # autocast's head output: softmax in fp32
-            logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
-        elif logits.device.type != "cpu" or (logits.requires_grad and logits.grad_fn is None):  # a leaf: kept
-            logp_all = torch.log_softmax(logits / temperature, dim=-1)
-        else:  # in place (the CPU kernel reduces each row before it writes the row)
-            logp_all = torch.log_softmax(logits.div_(temperature), dim=-1, out=logits)
+        low_precision = logits.dtype in (torch.float16, torch.bfloat16)
+        leaf = logits.requires_grad and logits.grad_fn is None
+        in_place = not low_precision and logits.device.type == "cpu" and not leaf
+        if low_precision:  # autocast's head output: softmax in fp32
+            scaled = logits.float() / temperature  # (B, R, V)
+        elif in_place:  # (the CPU kernel reduces each row before it writes the row)
+            scaled = logits.div_(temperature)
             ctx.mark_dirty(logits)
+        else:  # a GPU, or a leaf (kept as it is)
+            scaled = logits / temperature
+        if masked is not None:  # in the buffer just written (fp32 or wider): B * R * len(masked) writes
+            scaled.index_fill_(-1, masked, MASKED_LOGIT)
+        logp_all = torch.log_softmax(scaled, dim=-1, out=logits) if in_place else torch.log_softmax(scaled, dim=-1)
         ctx.save_for_backward(logp_all, ids)
         ctx.mark_non_differentiable(logp_all)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.masked = temperature, masked
         return logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1), logp_all  # (B, R), and the buffer for metrics
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_logp_all):
         if grad is None:  # only the buffer was used (no materialised zeros: see forward)
-            return None, None, None
+            return None, None, None, None
         logp_all, ids = ctx.saved_tensors  # a second backward fails here: autograd sees the buffer was modified
         g = (grad / ctx.temperature).unsqueeze(-1)  # (B, R, 1)
-        out = logp_all.exp_().mul_(-g)  # -softmax * g / T, in place
+        out = logp_all.exp_().mul_(-g)  # -softmax * g / T, in place (exactly 0 in masked columns)
         out.scatter_add_(-1, ids.unsqueeze(-1), g)  # + onehot(ids) * g / T
-        return out, None, None
+        if ctx.masked is not None:  # a masked column is a constant: no gradient, even where ids holds it
+            out.index_fill_(-1, ctx.masked, 0.0)
+        return out, None, None, None
 
 
-def tempered_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
-                      want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def tempered_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, want_entropy: bool = False,
+                      masked_ids: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of `ids` (B, R) under softmax(logits / T) for logits (B, R, V), and optionally the
     (B, R) entropy of that distribution (a metric: no gradient). Consumes `logits`: on a CPU, unless it is a
-    leaf or in low precision, it holds the log-softmax afterwards (see `_TemperedLogprobs`)."""
-    logprobs, logp_all = _TemperedLogprobs.apply(logits, ids, temperature)
+    leaf or in low precision, it holds the log-softmax afterwards (see `_TemperedLogprobs`).
+    `masked_ids`: columns left out of the distribution (module docstring); None = none. A masked id in `ids`
+    gets a log-prob of about MASKED_LOGIT (finite) and no gradient."""
+    logprobs, logp_all = _TemperedLogprobs.apply(logits, ids, temperature, mask_index(masked_ids, logits.device))
     entropy = None
     if want_entropy:  # computed before any backward consumes the buffer; holds no (B, R, V) tensor for backward
         with torch.no_grad():
@@ -387,6 +451,7 @@ def forward_responses(
     want_hidden: bool = False,
     want_logprobs: bool = True,
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    masked_ids: Sequence[int] | torch.Tensor | None = None,
 ) -> ResponseForward:
     """Score `response_ids` (B, R) after left-padded queries under `model` (grad follows the caller).
 
@@ -396,6 +461,8 @@ def forward_responses(
     `prefix`: `model`'s own keys and values of these rows' first Q-1 query positions (`query_prefix`,
     `Rollout.query_prefix`); then only the R positions Q-1 .. Q+R-2 run, over that cache (no-grad scoring:
     no gradient reaches the prefix). Equal to the whole pass up to float rounding (~2e-5 in a log-prob).
+    `masked_ids`: the columns the sampler never samples (`sample`'s, `never_sampled_ids`), left out of the
+    log-probs' and the entropy's distribution; None = the whole head.
     """
     B, Q = query_ids.shape
     R = response_ids.shape[1]
@@ -423,11 +490,14 @@ def forward_responses(
                               use_cache=cache is not None, only=read)  # h: (B, R, H) or None
     if not want_logprobs:
         return ResponseForward(logprobs=None, entropy=None, hidden=h)
-    logprobs, entropy = tempered_logprobs(logits, response_ids, temperature, want_entropy)
+    logprobs, entropy = tempered_logprobs(logits, response_ids, temperature, want_entropy, masked_ids)
     return ResponseForward(logprobs=logprobs, entropy=entropy, hidden=h)
 
 
-def score_logprobs(model, query_ids, query_lengths, response_ids, temperature: float) -> torch.Tensor:
-    """(B, R) tempered log-probs of the responses under `model`, without gradients."""
+def score_logprobs(model, query_ids, query_lengths, response_ids, temperature: float,
+                   masked_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """(B, R) tempered log-probs of the responses under `model`, without gradients (`masked_ids`: see
+    `forward_responses`)."""
     with torch.no_grad():
-        return forward_responses(model, query_ids, query_lengths, response_ids, temperature).logprobs
+        return forward_responses(model, query_ids, query_lengths, response_ids, temperature,
+                                 masked_ids=masked_ids).logprobs

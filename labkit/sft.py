@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit.optim import linear_decay_scheduler, make_optimizer
-from labkit.sampling import forward_responses, pad_left
+from labkit.sampling import forward_responses, masked_ids_for, pad_left
 from labkit.tasks import Task, format_query, get_task
 
 
@@ -54,6 +54,7 @@ def supervised_finetune(model, tokenizer, task: Task | str, prompts, config: SFT
     if not pairs:
         raise ValueError("Supervised fine-tuning needs prompts with reference summaries (Prompt.reference).")
     device = next(model.parameters()).device
+    masked = masked_ids_for(model, tokenizer)
     examples = [(format_query(task, text, tokenizer), target_ids(task, ref, tokenizer, cfg.max_target_tokens))
                 for text, ref in pairs]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +76,8 @@ def supervised_finetune(model, tokenizer, task: Task | str, prompts, config: SFT
                 tgt[b, : len(t)] = torch.tensor(t, device=device)
                 mask[b, : len(t)] = 1
             # Right-padded targets: pads come after the real tokens, so they never affect them (causal).
-            logprobs = forward_responses(model, q_ids, q_len, tgt, temperature=1.0).logprobs  # (B, T)
+            # over the ids PPO samples from (masked_ids_for), so that SFT and RL train one distribution
+            logprobs = forward_responses(model, q_ids, q_len, tgt, temperature=1.0, masked_ids=masked).logprobs  # (B, T)
             loss = -(logprobs * mask).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,20 +17,36 @@ PROMPT_SOURCES = ("passages", "tldr", "cnndm")
 """The prompt column sets labkit.data reads (its `_COLUMNS`; it imports this module, so they are listed here)."""
 
 
+TOKEN_MATCHING = ("exact", "contains")
+"""How a truncation or query-trimming text is matched to token ids (`token_ids_matching`)."""
+
+
 @dataclass(frozen=True)
 class TruncationRule:
-    """Cut a response after the first `text` token at response index >= `after`; if none, penalise."""
+    """Cut a response after the first `text` token at response index >= `after`; if none, penalise.
+
+    As released (lm_tasks.py, postprocess_fn_from_hparams and filter_fn_from_hparams): the cut token itself
+    is kept, every later token becomes padding, and a response with no such token scores the penalty.
+    """
 
     text: str
-    """The truncation string, e.g. "." or "\\n". A token matches when its text contains it, not directly
-    followed by a letter or digit (so ".com" or "3.5" do not end a sentence)."""
+    """The truncation string, e.g. "." or "\\n" (released launch.py: truncate_token 13 = '.' for the style
+    tasks, 198 = '\\n' for the summaries)."""
     after: int
     """Only tokens at response index >= after can truncate (the paper: 16 for style, 55 for summaries)."""
+    tokens: str = "exact"
+    """Which token ids count as `text`: "exact", the token(s) whose text is exactly `text`, as released (one
+    id: GPT-2's 13 for '.'); or "contains", every token whose text contains `text` not directly followed by a
+    letter or digit ('."', '...', '.)', '\\n\\n'; not '.com' or '3.5'): about 140 SmolLM2 tokens, so responses
+    are cut earlier and the policy has more ways to avoid the penalty. "contains" suits a tokenizer that merges
+    punctuation into longer tokens, and is what labkit did before this field existed (checkpoints written then
+    resume only with it). The task's query trimming (`start_after`, `end_at`) matches the same way."""
 
     def __post_init__(self):
         check_types(self)
         non_empty(self, "text", "an empty text would match every token")
         at_least(self, "after", 0)
+        one_of(self, "tokens", TOKEN_MATCHING, "how `text` is matched to token ids: exactly, as released, or any token containing it")
 
 
 @dataclass(frozen=True)
@@ -60,9 +76,11 @@ class Task:
     query_suffix: str = ""
     """Text after the source text (summaries: "\\n\\nTL;DR:")."""
     start_after: str | None = None
-    """Style tasks: the query starts after the first occurrence of this text ('.')."""
+    """Style tasks: the query starts after the first token matching this text ('.'), matched as the truncation
+    rule's `tokens` says ("exact" without a rule; released: lm_tasks.py make_query_sampler, `start_token,`)."""
     end_at: str | None = None
-    """The query ends at the last occurrence of this text ('.' for style, '\\n' for CNN/DM)."""
+    """The query ends at the last token matching this text ('.' for style, '\\n' for CNN/DM), matched as
+    `start_after` is."""
     init_beta: float = 0.15
     """Initial KL coefficient beta (paper: 0.15 for style tasks; code: 0.03 TL;DR, 0.01 CNN/DM)."""
     kl_target: float | None = 6.0
@@ -172,19 +190,64 @@ def get_task(task: str | Task) -> Task:
 # token-level helpers (pure functions of a tokenizer)
 
 
-@lru_cache(maxsize=32)
-def _matching_ids(tokenizer, text: str) -> frozenset[int]:
-    """Ids of every vocabulary token whose text contains `text` not followed by a letter or digit."""
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: its named ones and every added token marked special (SmolLM2:
+    0-16, its code and jupyter markers included, of which only 0-2 are named)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
+def _contains_ids(tokenizer, text: str) -> frozenset[int]:
+    """Ids of every non-special token whose text contains `text` not followed by a letter or digit."""
     pattern = re.compile(re.escape(text) + r"(?![A-Za-z0-9])")
     ids = range(len(tokenizer))
     pieces = tokenizer.batch_decode([[i] for i in ids])
-    special = set(tokenizer.all_special_ids)
+    special = special_token_ids(tokenizer)
     return frozenset(i for i, p in zip(ids, pieces) if i not in special and pattern.search(p))
 
 
-def token_ids_matching(tokenizer, text: str) -> frozenset[int]:
-    """Token ids that count as an occurrence of `text` (for truncation and query trimming)."""
-    return _matching_ids(tokenizer, text)
+def _exact_ids(tokenizer, text: str) -> frozenset[int]:
+    """Ids of every non-special token whose text, read after another token, is exactly `text`.
+
+    Why after an anchor token ('a') rather than alone: a SentencePiece tokenizer (Llama style) drops the '▁'
+    (a leading space) of the first token it decodes, so ' .' alone reads '.'; after 'a' it reads 'a .', and
+    the difference from 'a' is ' .'. Byte-level BPE (GPT-2, SmolLM2) decodes the same either way.
+    `clean_up_tokenization_spaces=False`: that clean-up turns 'a .' into 'a.' (GPT-2's tokenizer had it on).
+    """
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    head = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+    special = special_token_ids(tokenizer)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    pieces = tokenizer.batch_decode([anchor + [i] for i in ids], clean_up_tokenization_spaces=False)
+    return frozenset(i for i, p in zip(ids, pieces) if p == head + text)
+
+
+@lru_cache(maxsize=32)
+def _matching_ids(tokenizer, text: str, tokens: str) -> frozenset[int]:
+    """`token_ids_matching`, cached per (tokenizer object, text, mode): one pass over the vocabulary each."""
+    if tokens == "contains":
+        return _contains_ids(tokenizer, text)
+    found = _exact_ids(tokenizer, text)
+    if not found:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"No token of the tokenizer {name!r} ({type(tokenizer).__name__}) is exactly {text!r}, so "
+                         f"tokens='exact' cannot find it; use TruncationRule(..., tokens='contains') to match every "
+                         f"token whose text contains {text!r}.")
+    return found
+
+
+def token_ids_matching(tokenizer, text: str, tokens: str = "exact") -> frozenset[int]:
+    """Token ids that count as an occurrence of `text` (for truncation and query trimming), matched as
+    `TruncationRule.tokens` describes: "exact" (as released; a ValueError if no token is exactly `text`) or
+    "contains"."""
+    if tokens not in TOKEN_MATCHING:
+        raise ValueError(f"tokens = {tokens!r}: must be one of {', '.join(map(repr, TOKEN_MATCHING))}.")
+    return _matching_ids(tokenizer, text, tokens)
+
+
+def query_matching(task: Task) -> str:
+    """How `format_query` matches `start_after` and `end_at`: as the task's truncation rule, else exactly."""
+    return task.truncation.tokens if task.truncation is not None else "exact"
 
 
 def format_query(task: Task, text: str, tokenizer) -> list[int]:
@@ -193,16 +256,19 @@ def format_query(task: Task, text: str, tokenizer) -> list[int]:
     Style tasks: at most `query_length` tokens starting after the first '.' and ending at the last '.'.
     Summaries: prefix + at most `query_length` tokens of the source (CNN/DM: ending at the last newline)
     + suffix. Trimming is skipped when it would leave nothing (e.g. a text with a single sentence).
+    The marks are token ids matched as the truncation rule matches (`query_matching`); released:
+    language/datasets.py Dataset.tf_dataset with single start/end token ids.
     """
     ids = tokenizer.encode(text, add_special_tokens=False)
+    mode = query_matching(task)
     if task.start_after:
-        marks = token_ids_matching(tokenizer, task.start_after)
+        marks = token_ids_matching(tokenizer, task.start_after, mode)
         first = next((i for i, t in enumerate(ids) if t in marks), None)
         if first is not None and first + 1 < len(ids):
             ids = ids[first + 1 :]
     ids = ids[: task.query_length]
     if task.end_at:
-        marks = token_ids_matching(tokenizer, task.end_at)
+        marks = token_ids_matching(tokenizer, task.end_at, mode)
         last = max((i for i, t in enumerate(ids) if t in marks), default=None)
         if last is not None:
             ids = ids[: last + 1]

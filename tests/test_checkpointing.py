@@ -1,15 +1,19 @@
 """Activation checkpointing of the transformer blocks: same gradients, far fewer saved tensors, plain no-grad passes."""
 
 import copy
+import dataclasses
+import json
 
+import pytest
 import torch
 
 import labkit.speed.checkpointing
 from labkit.speed.checkpointing import checkpoint_blocks
 from labkit.models import load_lm
 from labkit.rl import PPOConfig, PPOTrainer
+from labkit.rl import checkpoint as ckpt
 from labkit.sampling import forward_responses, pad_left
-from labkit.tasks import SENTIMENT
+from labkit.tasks import SENTIMENT, TruncationRule
 
 
 def _batch(tok):
@@ -75,7 +79,7 @@ def test_no_grad_passes_and_frozen_blocks_run_plainly(monkeypatch):
 def test_ppo_with_gradient_checkpointing_trains_the_policy_only():
     model, tok = load_lm("tiny", device="cpu", seed=0)
     task = SENTIMENT.with_(response_length=6, truncation=None)
-    trainer = PPOTrainer(model, tok, task, lambda q, r: [s.count(".") for s in r], ["It was late. The rain stopped."],
+    trainer = PPOTrainer(model, tok, task, lambda q, r: [s.count(".") + 0.1 * len(s) for s in r], ["It was late. The rain stopped."],
                          PPOConfig(batch_size=8, micro_batch_size=4, lr=1e-3, init_beta=0.1, kl_target=None,
                                    value_model="separate", gradient_checkpointing=True), verbose=False)
     assert getattr(type(trainer.policy.model.layers[0]), "_labkit_checkpointed", False)
@@ -85,3 +89,33 @@ def test_ppo_with_gradient_checkpointing_trains_the_policy_only():
     m = trainer.step()
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss/policy_avg", "loss/value_avg", "objective/kl"))
     assert any(not torch.equal(p, b) for p, b in zip(trainer.policy.parameters(), before))
+
+
+def test_a_checkpoint_saved_before_truncation_had_tokens_resumes_only_with_the_broad_set(tmp_path):
+    """(A PPO-checkpoint test, not an activation-checkpointing one: it sits here until it moves next to the other
+    resume tests in test_bad_input_training.py.) Before `TruncationRule.tokens`, labkit cut at every token
+    containing the text: such a checkpoint resumes with tokens="contains" and is refused, saying so, with "exact"."""
+    old_task = SENTIMENT.with_(response_length=6, truncation=TruncationRule(".", 2, tokens="contains"))
+    cfg = PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=1, lr=1e-3, total_updates=4, kl_target=1.0,
+                    init_beta=0.2, kl_horizon=100)
+
+    def make(task):
+        model, tok = load_lm("tiny", device="cpu", seed=0)
+        return PPOTrainer(model, tok, task, lambda q, r: [s.count(".") + 0.1 * len(s) for s in r], ["It was late. The rain stopped."],
+                          cfg, run_dir=tmp_path / "run", verbose=False)
+
+    make(old_task).train(1, progress=False)
+    folder = ckpt.latest(tmp_path / "run")
+    meta = json.loads((folder / "trainer.json").read_text())
+    del meta["task"]["truncation"]["tokens"]  # as a checkpoint written before the field existed
+    (folder / "trainer.json").write_text(json.dumps(meta))
+    done = json.loads((folder / "COMPLETE").read_text())
+    done["sizes"]["trainer.json"] = (folder / "trainer.json").stat().st_size
+    (folder / "COMPLETE").write_text(json.dumps(done))
+    exact = old_task.with_(truncation=dataclasses.replace(old_task.truncation, tokens="exact"))
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)another task \(truncation: .*'contains'.*'exact'.*before "
+                                                   r"TruncationRule had `tokens`.*tokens='contains'"):
+        make(exact)
+    assert make(old_task).step_count == 1  # the broad set: the old run's task, resumed
+    with pytest.raises(ckpt.CheckpointError, match=r"another task \(truncation: .*\)\. Resume it with the same settings"):
+        make(old_task.with_(truncation=TruncationRule(".", 3)))  # `after` differs too: no hint about `tokens`

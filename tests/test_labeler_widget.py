@@ -208,8 +208,9 @@ def test_refill_error_is_shown(store):
 def test_make_comparisons_with_tiny_model(store, tiny):
     model, tok = tiny
     # The random tiny model almost never samples '.'; cutting after any token ending in "e" makes both
-    # cut and uncut responses occur (with this seed: 5 cut, 1 not; seeds 0-2 happen to give 6 cut).
-    task = SENTIMENT.with_(response_length=20, truncation=TruncationRule(text="e", after=2))
+    # cut and uncut responses occur (with this seed: 5 cut, 1 not; seeds 0-2 happen to give 6 cut). "contains":
+    # the broad rule (any token with "e" not followed by a letter or digit); no token is exactly "e" often enough.
+    task = SENTIMENT.with_(response_length=20, truncation=TruncationRule(text="e", after=2, tokens="contains"))
     prompts = [Prompt("First. A calm morning by the lake. The end."), "Intro. Rain fell on the roofs all day."]
     ids = make_comparisons(store, model, tok, task, prompts, k=3, source=["rho", "rho", "pi"],
                            generator=torch.Generator().manual_seed(3), batch_size=4)

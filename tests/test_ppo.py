@@ -41,7 +41,7 @@ def sequence_kl(trainer, length, n=128):
     t = trainer.task
     q = [format_query(t, p, trainer.tokenizer) for p in PROMPTS] * (n // 2)
     r = sample(trainer.policy, trainer.tokenizer, q, t, generator=torch.Generator().manual_seed(7))
-    ref = score_logprobs(trainer.rho, r.query_ids, r.query_lengths, r.response_ids, t.temperature)
+    ref = score_logprobs(trainer.rho, r.query_ids, r.query_lengths, r.response_ids, t.temperature, masked_ids=r.masked_ids)
     return (r.logprobs - ref).sum(-1).mean().item()
 
 

@@ -2,7 +2,9 @@
 tiny model in float64 with fixed seeds must move the parameters exactly as the recorded reference says.
 
 The reference (tests/data/regression_reference.json) was recorded with `python tests/test_regression.py
---record` from the code before the subpackage redesign (issue 20); it holds, per trainable tensor, three
+--record` from the code before the subpackage redesign (issue 20), and recorded again when sampling and every
+log-prob pass began to mask the tokens the released code never samples (issue 22: the PPO updates changed, the
+reward-model step did not); it holds, per trainable tensor, three
 fingerprints of the change the update made (sum, a dot product with a fixed pattern, L2 norm) and the
 update's metrics. A change of behaviour anywhere in sampling, scoring, losses, accumulation or the optimiser
 moves them far beyond float64 rounding (~1e-12 relative here).

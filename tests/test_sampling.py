@@ -35,7 +35,8 @@ def test_generation_logprobs_equal_a_scoring_pass_and_lengths_are_exact(tiny):
     task = SENTIMENT.with_(response_length=9)
     r = sample(model, tok, _queries(tok), task, generator=torch.Generator().manual_seed(1))
     assert r.response_ids.shape == (3, 9) and r.logprobs.shape == (3, 9)
-    again = score_logprobs(model, r.query_ids, r.query_lengths, r.response_ids, task.temperature)
+    assert r.masked_ids == tuple(range(1, 17))  # SmolLM2's special ids but <|endoftext|> (tests/test_token_mask.py)
+    again = score_logprobs(model, r.query_ids, r.query_lengths, r.response_ids, task.temperature, masked_ids=r.masked_ids)
     torch.testing.assert_close(r.logprobs, again, atol=1e-4, rtol=0)
     assert (r.logprobs <= 0).all()
 

@@ -34,13 +34,22 @@ def test_truncation_index_hand_cases():
 
 
 def test_matching_tokens(tokenizer):
-    dots = token_ids_matching(tokenizer, ".")
+    dots = token_ids_matching(tokenizer, ".", "contains")
     assert tokenizer.convert_tokens_to_ids(".") in dots
     com = tokenizer.encode(".com", add_special_tokens=False)
     assert not (len(com) == 1 and com[0] in dots)  # '.com' does not end a sentence
-    newlines = token_ids_matching(tokenizer, "\n")
+    newlines = token_ids_matching(tokenizer, "\n", "contains")
     assert tokenizer.encode("\n", add_special_tokens=False)[0] in newlines
     assert tokenizer.encode("\n\n", add_special_tokens=False)[0] in newlines
+    # as released: the one token that is exactly the text (tests/test_truncation_ids.py has the rest)
+    assert token_ids_matching(tokenizer, ".") == {tokenizer.convert_tokens_to_ids(".")}
+    assert token_ids_matching(tokenizer, "\n") == set(tokenizer.encode("\n", add_special_tokens=False))
+
+
+def test_truncation_rule_refuses_an_unknown_matching():
+    assert TruncationRule(".", 16).tokens == "exact"
+    with pytest.raises(ValueError, match="TruncationRule.tokens = 'broad': must be one of 'exact', 'contains'"):
+        TruncationRule(".", 16, tokens="broad")
 
 
 def test_style_query_starts_after_first_period_and_ends_at_last(tokenizer):

@@ -283,10 +283,12 @@ def check_fits(trainer, meta: dict, tensors: dict, folder) -> list[str]:
         raise CheckpointError(f"{folder} was written by a newer labkit (checkpoint version {meta['version']}, this "
                               f"labkit reads up to {VERSION}): upgrade labkit to resume it.")
     fresh_run = "Resume it with the same settings, or give this run a new run_dir to start afresh."
-    saved_task, task = meta.get("task", {}), asdict(trainer.task)
-    task_diff = [f"{k}: {saved_task.get(k)!r} -> {v!r}" for k, v in task.items() if k in saved_task and saved_task[k] != v]
-    if task_diff:
-        raise CheckpointError(f"{folder} was trained on another task ({'; '.join(task_diff)}). {fresh_run}")
+    saved_task, task = _with_legacy_truncation(meta.get("task", {})), asdict(trainer.task)
+    differing = [k for k, v in task.items() if k in saved_task and saved_task[k] != v]
+    if differing:
+        task_diff = "; ".join(f"{k}: {saved_task[k]!r} -> {task[k]!r}" for k in differing)
+        hint = _legacy_truncation_hint(meta.get("task", {}), task, differing)
+        raise CheckpointError(f"{folder} was trained on another task ({task_diff}). {hint or fresh_run}")
     identity = meta.get("identity")
     if identity is not None:
         model_diff = identity_differences(identity["model"], trainer.identity["model"])
@@ -311,6 +313,31 @@ def check_fits(trainer, meta: dict, tensors: dict, folder) -> list[str]:
                               f"{len(mine)}: build the trainer with the same model, LoRA and value settings as the "
                               "saved run.")
     return [f"{k}: {saved_cfg[k]!r} -> {cfg[k]!r}" for k in cfg if k in saved_cfg and saved_cfg[k] != cfg[k]]
+
+
+def _with_legacy_truncation(saved_task: dict) -> dict:
+    """A saved task as today's fields read it. A truncation rule saved before `TruncationRule.tokens` existed
+    cut at every token containing its text (labkit then had only that rule): it reads as tokens="contains", so
+    a task that asks for it resumes, and the default "exact" (a different task) is refused (`_legacy_truncation_hint`)."""
+    rule = saved_task.get("truncation")
+    if isinstance(rule, dict) and "tokens" not in rule:
+        return {**saved_task, "truncation": {**rule, "tokens": "contains"}}
+    return saved_task
+
+
+def _legacy_truncation_hint(saved_task: dict, task: dict, differing: list[str]) -> str:
+    """What to do when a task differs from a saved one only by a pre-`tokens` truncation rule (the broad set)
+    against the same rule with exact matching; else "". `differing`: the task fields that differ."""
+    rule, now = saved_task.get("truncation"), task.get("truncation")
+    if differing != ["truncation"] or not (isinstance(rule, dict) and "tokens" not in rule and isinstance(now, dict)):
+        return ""
+    if {**rule, "tokens": now.get("tokens")} != now:
+        return ""  # the text or `after` differs too: another task whatever the matching
+    return (f"It was saved before TruncationRule had `tokens`: that run cut responses (and trimmed queries) at every "
+            f"token containing {rule.get('text')!r} (the broad set, tokens='contains'), and this task matches the "
+            f"exact token only (tokens={now.get('tokens')!r}, as released). To resume it, pass the task with "
+            "TruncationRule(..., tokens='contains'), e.g. task.with_(truncation=dataclasses.replace(task.truncation, "
+            "tokens='contains')); or give this run a new run_dir to start afresh with exact truncation.")
 
 
 def _apply_changes(trainer, changes: list[str]) -> None:

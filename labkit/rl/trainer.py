@@ -49,7 +49,7 @@ from labkit.rl.interrupts import deferred_interrupt
 from labkit.rl.kl_controller import AdaptiveKLController, FixedKLController
 from labkit.rl.losses import policy_loss, value_loss
 from labkit.rl.value import SeparateValueModel, ValueHead
-from labkit.sampling import Rollout, batch_slices, forward_responses, prefix_rows, query_prefix, sample, unwrap
+from labkit.sampling import Rollout, batch_slices, forward_responses, masked_ids_for, prefix_rows, query_prefix, sample, unwrap
 from labkit.speed.checkpointing import checkpoint_blocks
 from labkit.tasks import Task, format_query, get_task
 
@@ -93,6 +93,9 @@ class PPOTrainer:
         self.task = get_task(task)
         self.config = cfg = config or _recipe_ppo_config(self.task)
         self.tokenizer = tokenizer
+        # the ids pi and rho never sample or normalise over (labkit.models.masked_token_report: added pad, chat
+        # control tokens), in every pass, as the released code slices the logits (policy.py Policy.step_core)
+        self.masked_ids = masked_ids_for(policy, tokenizer)
         self.reward = reward
         self.prompts = _as_prompt_texts(prompts)
         if not self.prompts:
@@ -279,7 +282,8 @@ class PPOTrainer:
         idx = self.rng.integers(0, len(self.queries), size=cfg.batch_size)
         with self._lock:
             roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
-                          generator=self.generator, batch_size=cfg.generation_batch_size, keep_query_prefix=True)
+                          generator=self.generator, batch_size=cfg.generation_batch_size, keep_query_prefix=True,
+                          masked_ids=self.masked_ids)
             return roll, self.reward
 
     def _score(self, roll: Rollout, reward) -> torch.Tensor:
@@ -311,7 +315,8 @@ class PPOTrainer:
                 if prefix is None:
                     roll.query_prefix = None
             return torch.cat([forward_responses(model, roll.query_ids[s], roll.query_lengths[s], roll.response_ids[s],
-                                                self.task.temperature, prefix=prefix_rows(prefix, s)).logprobs
+                                                self.task.temperature, prefix=prefix_rows(prefix, s),
+                                                masked_ids=self.masked_ids).logprobs
                               for s in self._chunks(len(roll))])
 
     @torch.no_grad()
@@ -468,9 +473,10 @@ class PPOTrainer:
         separate_values=False skips the separate value model (values None)."""
         if self.value_head is not None:
             out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy,
-                                    want_hidden=True, prefix=prefix)
+                                    want_hidden=True, prefix=prefix, masked_ids=self.masked_ids)
             return out.logprobs, self.value_head(out.hidden), out.entropy
-        out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, prefix=prefix)
+        out = forward_responses(self.policy, q_ids, q_len, r_ids, self.task.temperature, want_entropy=want_entropy, prefix=prefix,
+                                masked_ids=self.masked_ids)
         return out.logprobs, self.value_model(q_ids, q_len, r_ids) if separate_values else None, out.entropy
 
     def _zero_gradients(self) -> None:
@@ -548,7 +554,7 @@ class PPOTrainer:
         queries = [format_query(self.task, p, self.tokenizer) for p in prompts for _ in range(n)]
         gen = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.randrange(2**31))
         with self._lock:
-            return sample(self.policy, self.tokenizer, queries, self.task, generator=gen)
+            return sample(self.policy, self.tokenizer, queries, self.task, generator=gen, masked_ids=self.masked_ids)
 
     @torch.no_grad()
     def sample_rho(self, prompts: list[str], n: int = 1, seed: int | None = None) -> Rollout:
@@ -556,8 +562,8 @@ class PPOTrainer:
         gen = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.randrange(2**31))
         if self.rho is None:
             with self._lock, self.policy.disable_adapter():
-                return sample(self.policy, self.tokenizer, queries, self.task, generator=gen)
-        return sample(self.rho, self.tokenizer, queries, self.task, generator=gen)
+                return sample(self.policy, self.tokenizer, queries, self.task, generator=gen, masked_ids=self.masked_ids)
+        return sample(self.rho, self.tokenizer, queries, self.task, generator=gen, masked_ids=self.masked_ids)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints (labkit/rl/checkpoint.py)

@@ -163,3 +163,26 @@ def test_query_format_is_saved_and_checked(tiny, tmp_path):
     loaded.check_fits(task, tok, model)
     with pytest.raises(ValueError, match="another prefix/suffix"):
         loaded.check_fits(task.with_(query_suffix="\n\nSummary:"), tok, model)
+
+
+def test_labels_of_two_query_formats_are_refused_before_any_step(tiny):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok, seed=0)
+    before = [p.clone() for p in rm.parameters()]
+    tldr = TLDR.with_(query_length=24, response_length=4)
+    cnn = tldr.with_(name="cnndm-like", query_prefix="Article:\n\n")
+    examples = [KWayExample(f"Post {i}.", [" a", " b"], 0, task=t) for i, t in enumerate([tldr] * 4 + [cnn])]
+    with pytest.raises(ValueError, match="train one reward model per task"):
+        RewardTrainer(rm, RewardConfig(batch_size=2, heldout_fraction=0)).fit(examples, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, rm.parameters()))
+    assert rm.query_format is None  # refused whole: nothing recorded either
+
+
+def test_a_text_only_example_drops_the_shown_suffix(tiny):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok, seed=0)
+    task = TLDR.with_(query_length=24, response_length=4)
+    shown = KWayExample("My post." + task.query_suffix, [" a", " b"], 0, task=task)
+    bare = KWayExample("My post.", [" a", " b"], 0)
+    with torch.no_grad():
+        torch.testing.assert_close(RewardTrainer(rm)._batch_rewards([shown]), RewardTrainer(rm)._batch_rewards([bare]))

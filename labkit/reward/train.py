@@ -3,6 +3,7 @@ learning rate decayed linearly to 0 (the released code's train_reward.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -133,24 +134,39 @@ class RewardTrainer:
         suffix, as `RewardModel.score_rollout` reads PPO's), else the texts encoded."""
         tok = self.rm.tokenizer
         if ex.query_tokens is None or ex.response_tokens is None:
-            return tok.encode(ex.query, add_special_tokens=False), [tok.encode(r, add_special_tokens=False) for r in ex.responses]
+            query = ex.query
+            if ex.task is not None:  # the text shown is the formatted query: remove the same prefix and suffix
+                prefix, suffix = ex.task.query_prefix, ex.task.query_suffix
+                query = query[len(prefix):] if prefix and query.startswith(prefix) else query
+                query = query[: len(query) - len(suffix)] if suffix and query.endswith(suffix) else query
+            return tok.encode(query, add_special_tokens=False), [tok.encode(r, add_special_tokens=False) for r in ex.responses]
         query_format = self._query_format(ex.task)
         return strip_query_format(ex.query_tokens, query_format), ex.response_tokens
 
     def _query_format(self, task: Task | None) -> dict | None:
-        """`task`'s prefix/suffix ids; the first one seen is recorded on the reward model (if `normalize` has not
-        yet), and a different one later is refused: one reward model reads one task's queries."""
+        """`task`'s prefix/suffix ids (None for no task). The first one seen is recorded on the reward model if
+        `normalize` has not yet, so that it scores PPO's queries as it was trained; a different one is refused."""
         if task is None:
             return None
         fmt = self._formats.get(task)
         if fmt is None:
-            fmt = self._formats[task] = query_format_ids(task, self.rm.tokenizer)
-            if self.rm.query_format is None:
-                self.rm.query_format = fmt
-            elif self.rm.query_format != fmt:
+            fmt = query_format_ids(task, self.rm.tokenizer)
+            if self.rm.query_format is not None and self.rm.query_format != fmt:
                 raise ValueError(f"These labels are of the task {task.name!r}, whose query prefix/suffix differ from "
-                                 "the ones this reward model was normalised for: train one reward model per task.")
+                                 "the ones this reward model reads (set by `normalize` or earlier labels): train one "
+                                 "reward model per task.")
+            self.rm.query_format = self._formats[task] = fmt
         return fmt
+
+    def _check_query_formats(self, examples: list[KWayExample]) -> None:
+        """Refuse, before anything changes, examples whose tasks format queries differently from each other or from
+        the reward model: one reward model reads one task's queries."""
+        formats = {json.dumps(query_format_ids(t, self.rm.tokenizer)) for t in {ex.task for ex in examples} if t is not None}
+        if self.rm.query_format is not None:
+            formats.add(json.dumps(self.rm.query_format))
+        if len(formats) > 1:
+            raise ValueError("These labels' tasks put different prefixes/suffixes around their queries (or another one "
+                             "than this reward model reads): train one reward model per task.")
 
     @torch.no_grad()
     def evaluate(self, examples: list[KWayExample], batch_size: int | None = None) -> dict:
@@ -219,6 +235,7 @@ class RewardTrainer:
         cfg = self.config
         if not examples:
             raise ValueError("No labeled comparisons to train on: label some first (widget or a mock labeler).")
+        self._check_query_formats(examples)  # before any step changes the model
         train, held = self.split(examples)
         k = len(examples[0].responses)
         rng = random.Random(cfg.seed + self.step)

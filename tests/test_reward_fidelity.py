@@ -186,3 +186,13 @@ def test_a_text_only_example_drops_the_shown_suffix(tiny):
     bare = KWayExample("My post.", [" a", " b"], 0)
     with torch.no_grad():
         torch.testing.assert_close(RewardTrainer(rm)._batch_rewards([shown]), RewardTrainer(rm)._batch_rewards([bare]))
+
+
+def test_a_reward_model_from_a_newer_labkit_is_refused(tiny, tmp_path):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok, seed=0)
+    rm.save(tmp_path / "rm")
+    meta = tmp_path / "rm" / "reward_config.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 99}))
+    with pytest.raises(ValueError, match="saved by a newer labkit"):
+        RewardModel.load(tmp_path / "rm")

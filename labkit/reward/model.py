@@ -34,6 +34,8 @@ from labkit.models import tokenizer_fingerprint
 from labkit.sampling import batch_slices, is_sharded, left_pad_mask, lm_forward, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
 
+_VERSION = 3  # reward_config.json: 2 added the task and tokenizer, 3 the query format
+
 
 def query_format_ids(task: Task, tokenizer) -> dict:
     """The token ids `format_query` puts before and after a task's source text: {"prefix": [...], "suffix": [...]}."""
@@ -264,7 +266,7 @@ class RewardModel(nn.Module):
         save_file(state, str(folder / "reward_model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "reward_config.json").write_text(json.dumps({
-            "format": "labkit-reward-model", "version": 3, "gain": self.gain.item(), "bias": self.bias.item(),
+            "format": "labkit-reward-model", "version": _VERSION, "gain": self.gain.item(), "bias": self.bias.item(),
             "task": self.task_name, "query_format": self.query_format, "tokenizer": tokenizer_fingerprint(self.tokenizer)}))
         return folder
 
@@ -304,6 +306,9 @@ class RewardModel(nn.Module):
         if saved.get("format") != "labkit-reward-model":
             raise FileNotFoundError(f"{folder} is not a saved labkit reward model (no reward_config.json). "
                                     "Save one with `reward_model.save(folder)`.")
+        if saved.get("version", 1) > _VERSION:
+            raise ValueError(f"{folder} was saved by a newer labkit (reward model format {saved['version']}; this one "
+                             f"reads up to {_VERSION}): upgrade labkit to load it.")
         dev = pick_device(device)
         config = AutoConfig.from_pretrained(folder / "lm_config.json")
         lm = AutoModelForCausalLM.from_config(config)

@@ -212,7 +212,8 @@ def rm_settings(args) -> dict:
 
 
 def train_reward_model(args, out, rho, tok, task, prompts, examples):
-    from labkit.reward import RewardConfig, RewardModel, RewardTrainer, reward_model_from_lm
+    from labkit.recipes import recipe_for
+    from labkit.reward import RewardModel, RewardTrainer, reward_model_from_lm
 
     folder = out / "reward_model"
     meta_file = out / "reward_model_meta.json"
@@ -230,9 +231,10 @@ def train_reward_model(args, out, rho, tok, task, prompts, examples):
     t0 = time.time()
     before = rm.normalize(rho, task, texts, n_samples=args.norm_samples, seed=args.seed + 11, batch_size=args.sample_batch)
     log(f"reward: normalised on {args.norm_samples} rho samples before training ({time.time() - t0:.0f} s)")
-    cfg = RewardConfig(lr=args.rm_lr, batch_size=args.rm_batch, epochs=args.rm_epochs,
-                       heldout_fraction=args.heldout_fraction, eval_every=10**9,  # evaluate once, at the end
-                       normalize_samples=args.norm_samples, seed=args.seed)
+    # the task's recipe (labkit.recipes) with this script's budget choices (module docstring) over it
+    cfg = recipe_for(task).reward_config(lr=args.rm_lr, batch_size=args.rm_batch, epochs=args.rm_epochs,
+                                         heldout_fraction=args.heldout_fraction, eval_every=10**9,  # once, at the end
+                                         normalize_samples=args.norm_samples, seed=args.seed)
     trainer = RewardTrainer(rm, cfg)
     t0 = time.time()
     history = _fit_with_progress(trainer, examples)
@@ -357,7 +359,8 @@ def main(argv=None):
     from labkit.labeling.labelers import VaderLabeler
     from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
-    from labkit.rl import PPOConfig, PPOTrainer
+    from labkit.recipes import recipe_for
+    from labkit.rl import PPOTrainer
     from labkit.reward import examples_from_store
     from labkit.tasks import SENTIMENT
 
@@ -399,10 +402,11 @@ def main(argv=None):
 
     # 3. PPO against the reward model ---------------------------------------------------------------
     clock.begin()
-    cfg = PPOConfig(batch_size=args.ppo_batch, minibatch_size=args.ppo_minibatch, ppo_epochs=args.ppo_epochs,
-                    lr=args.ppo_lr, total_updates=args.ppo_updates, lora_r=args.lora_r, init_beta=args.init_beta,
-                    kl_target=args.kl_target if args.kl_target > 0 else None, kl_horizon=args.kl_horizon,
-                    generation_batch_size=args.sample_batch, seed=args.seed, save_every=0)
+    cfg = recipe_for(task).ppo_config(  # the task's recipe with this script's budget choices over it
+        batch_size=args.ppo_batch, minibatch_size=args.ppo_minibatch, ppo_epochs=args.ppo_epochs, lr=args.ppo_lr,
+        total_updates=args.ppo_updates, lora_r=args.lora_r, init_beta=args.init_beta,
+        kl_target=args.kl_target if args.kl_target > 0 else None, kl_horizon=args.kl_horizon,
+        generation_batch_size=args.sample_batch, seed=args.seed, save_every=0)
     policy = rho  # PPOTrainer keeps a frozen copy as rho (full fine-tuning) or disables the LoRA adapters
     rho.requires_grad_(True)
     trainer = PPOTrainer(policy, tok, task, rm, train_prompts, cfg, run_dir=None, verbose=False)

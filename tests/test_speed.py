@@ -108,8 +108,8 @@ def test_speedups_on_and_off_give_the_same_logprobs_rewards_and_gradients(family
                 return [" ".join(map(str, row)) for row in rows]
 
         queries = [[5, 6, 7], [8, 9, 10, 11, 12]]
-        sa = sample(plain, Tok(), queries, task, generator=torch.Generator().manual_seed(4))
-        sb = sample(fast, Tok(), queries, task, generator=torch.Generator().manual_seed(4))
+        sa = sample(plain, Tok(), queries, task, generator=torch.Generator().manual_seed(4), masked_ids=None)
+        sb = sample(fast, Tok(), queries, task, generator=torch.Generator().manual_seed(4), masked_ids=None)
     assert torch.equal(sa.response_ids, sb.response_ids)
 
 

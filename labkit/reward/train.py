@@ -1,5 +1,9 @@
 """Training the reward model on k-way comparisons: softmax cross-entropy over the k rewards, one epoch,
-learning rate decayed linearly to 0 (the released code's train_reward.py)."""
+learning rate decayed linearly to 0 (the released code's train_reward.py).
+
+Labels may mix comparison sizes (2-way and 4-way, say): every batch holds comparisons of one k, because the loss is a
+softmax over each row's k rewards; the batches of all sizes are then trained in one shuffled order (`batches_by_k`).
+The released code has one size per run (label_types.py best_of_4), so a single-k run is batched exactly as before."""
 
 from __future__ import annotations
 
@@ -111,6 +115,30 @@ def kway_loss(rewards: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, correct
 
 
+def _by_k(examples: list[KWayExample]) -> dict[int, list[KWayExample]]:
+    """`examples` grouped by their number of responses k, in order of k, each group in the given order."""
+    groups: dict[int, list[KWayExample]] = {}
+    for ex in examples:
+        groups.setdefault(len(ex.responses), []).append(ex)
+    return dict(sorted(groups.items()))
+
+
+def batches_by_k(examples: list[KWayExample], batch_size: int, rng: random.Random) -> list[list[KWayExample]]:
+    """One epoch's batches: each k's comparisons shuffled and cut into batches of `batch_size` (the last one of each
+    k may be smaller), then, when there are several k, the batches shuffled together so that sizes are interleaved
+    over the run (and over its decaying learning rate) rather than trained one after the other.
+
+    With one k this is exactly a shuffle of all examples cut into consecutive batches."""
+    batches = []
+    for group in _by_k(examples).values():
+        order = list(range(len(group)))
+        rng.shuffle(order)
+        batches += [[group[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    if len(_by_k(examples)) > 1:
+        rng.shuffle(batches)
+    return batches
+
+
 class RewardTrainer:
     """Trains a RewardModel on k-way examples; `fit` can be called again to continue on new labels."""
 
@@ -123,8 +151,9 @@ class RewardTrainer:
 
     def _batch_rewards(self, batch: list[KWayExample]) -> torch.Tensor:
         k = len(batch[0].responses)
-        if any(len(ex.responses) != k for ex in batch):
-            raise ValueError("All comparisons in a batch must have the same number of responses k.")
+        if any(len(ex.responses) != k for ex in batch):  # a bug in the batching, not bad input: batches_by_k groups
+            raise ValueError(f"A batch mixes comparisons of {sorted({len(ex.responses) for ex in batch})} responses; "
+                             "group them by k first (labkit.reward.train.batches_by_k).")
         queries, responses = zip(*(self._tokens(ex) for ex in batch))
         q_ids, q_len, r_ids, r_len = self.rm.pad(list(queries), [r for rs in responses for r in rs])
         return self.rm.kway(q_ids, q_len, r_ids, r_len)  # (B, k): each query runs once for its k responses
@@ -177,18 +206,19 @@ class RewardTrainer:
         if not examples:
             return {}
         bs = batch_size or self.config.batch_size
-        mine = distributed.shard(examples)
         loss_sum, n_correct = 0.0, 0.0
-        for i in range(0, distributed.max_over_processes(len(mine)), bs):
-            batch = mine[i : i + bs]
-            if not batch:  # a stand-in pass, dropped: sharded models need every process in every pass
-                self._batch_rewards(examples[:1])
-                continue
-            r = self._batch_rewards(batch)
-            best = torch.tensor([ex.best for ex in batch], device=r.device)
-            loss, c = kway_loss(r, best)
-            loss_sum += loss.item() * len(batch)
-            n_correct += c.sum().item()
+        for group in _by_k(examples).values():  # one k per batch; every process walks the same groups
+            mine = distributed.shard(group)
+            for i in range(0, distributed.max_over_processes(len(mine)), bs):
+                batch = mine[i : i + bs]
+                if not batch:  # a stand-in pass, dropped: sharded models need every process in every pass
+                    self._batch_rewards(group[:1])
+                    continue
+                r = self._batch_rewards(batch)
+                best = torch.tensor([ex.best for ex in batch], device=r.device)
+                loss, c = kway_loss(r, best)
+                loss_sum += loss.item() * len(batch)
+                n_correct += c.sum().item()
         loss_sum, n_correct = distributed.all_reduce_sum(torch.tensor([loss_sum, n_correct], dtype=torch.float64)).tolist()
         return {"rm/heldout_loss": loss_sum / len(examples), "rm/heldout_accuracy": n_correct / len(examples)}
 
@@ -237,9 +267,8 @@ class RewardTrainer:
             raise ValueError("No labeled comparisons to train on: label some first (widget or a mock labeler).")
         self._check_query_formats(examples)  # before any step changes the model
         train, held = self.split(examples)
-        k = len(examples[0].responses)
         rng = random.Random(cfg.seed + self.step)
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        steps_per_epoch = sum(math.ceil(len(g) / cfg.batch_size) for g in _by_k(train).values())
         total = steps_per_epoch * cfg.epochs
         params = [p for p in self.rm.parameters() if p.requires_grad]
         opt = make_optimizer(params, cfg.lr, cfg.optimizer)
@@ -248,11 +277,10 @@ class RewardTrainer:
         bar = tqdm(total=total, desc="reward model", disable=not progress)
         try:
             for epoch in range(cfg.epochs):
-                order = list(range(len(train)))
-                rng.shuffle(order)
-                for s in range(steps_per_epoch):
+                batches = batches_by_k(train, cfg.batch_size, rng)
+                for s, batch in enumerate(batches):
                     t0 = time.time()
-                    batch = [train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
+                    k = len(batch[0].responses)
                     lr = opt.param_groups[0]["lr"]
                     loss_sum, n_correct = self._gradients(batch, params, opt)
                     opt.step()
@@ -260,7 +288,7 @@ class RewardTrainer:
                     self.step += 1
                     m = {"step": self.step, "rm/loss": loss_sum / len(batch), "rm/accuracy": n_correct / len(batch), "rm/lr": lr,
                          "rm/chance_loss": math.log(k), "rm/chance_accuracy": 1 / k, "time/step": time.time() - t0}
-                    last = epoch == cfg.epochs - 1 and s == steps_per_epoch - 1
+                    last = epoch == cfg.epochs - 1 and s == len(batches) - 1
                     if held and (self.step % cfg.eval_every == 0 or last):
                         m.update(self.evaluate(held))
                     run.append(m)

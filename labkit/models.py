@@ -349,15 +349,25 @@ def load_lm(name: str = EMBEDDED, device=None, dtype=None, seed: int = 0, bf16_a
                 "that folder's path."
             ) from err
         _ = tokenizer  # set up below
+    return prepare_lm(model, tokenizer, dev, dt, bf16_autocast, speedups), tokenizer
+
+
+def prepare_lm(model, tokenizer, device=None, dtype=None, bf16_autocast: bool | None = None,
+               speedups: bool | None = None):
+    """What `load_lm` does to every model it loads, for a causal LM built some other way (`from_config` in tests):
+    a left-padding tokenizer with a distinct pad (the embeddings grow if one is added), the pad id in the configs,
+    device and dtype (`pick_device`, `pick_dtype`), the speed layer (`speed.apply`), eval mode. In place; returns
+    `model`. The arguments are `load_lm`'s."""
+    dev = pick_device(device)
     if _setup_tokenizer(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device=dev, dtype=dt)
+    model.to(device=dev, dtype=pick_dtype(dev, dtype))
     speed.apply(model, speedups)
     model.labkit_bf16_autocast = bf16_autocast  # read by sampling.autocast_for; copies of the model keep it
     model.eval()  # dropout off everywhere (the paper's setting); training code never calls .train()
-    return model, tokenizer
+    return model
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ and off, in float64, for several model families):
 
 - inplace_grads: the input embedding's and the LM head's weight gradients are added in place into one
   `.grad` buffer instead of a (V, H) tensor per micro-batch.
-- attention: grouped attention for short padded sequences on a CPU (SDPA everywhere else).
+- attention: grouped attention for short padded sequences on a CPU (SDPA everywhere else); a model whose
+  attention SDPA cannot compute (Gemma-2's soft-capping) keeps its own.
 - fused: compiled RMSNorm and SwiGLU for Llama-family models on a CPU.
 - last_mlp: the last block's MLP only at the positions whose outputs are read.
 

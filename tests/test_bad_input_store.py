@@ -4,6 +4,7 @@ refused input changes nothing on disk (the label store's rows and bytes, the pro
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -379,8 +380,16 @@ def test_numpy_ints_and_token_only_responses_are_accepted(small_store):
 
 
 class Tok:
-    def decode(self, ids):
+    """100 ids, each written <id>: encode(decode(ids)) == ids, as import_openai_labels checks."""
+
+    def __len__(self):
+        return 100
+
+    def decode(self, ids, **kwargs):
         return " ".join(f"<{i}>" for i in ids)
+
+    def encode(self, text, add_special_tokens=True):
+        return [int(i) for i in re.findall(r"<(\d+)>", text)]
 
 
 OPENAI_ROW = {"query": [1, 2], "sample0": [3], "sample1": [4], "sample2": [5], "sample3": [6], "best": 1}

@@ -4,6 +4,7 @@ label is ever lost (SIGKILL mid-write, two processes, four threads) and no forei
 import hashlib
 import json
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -261,8 +262,16 @@ def test_to_dataset_kway_and_pairwise(store):
 
 
 class FakeTokenizer:
-    def decode(self, ids):
+    """100 ids, each written <id>: encode(decode(ids)) == ids, as import_openai_labels checks."""
+
+    def __len__(self):
+        return 100
+
+    def decode(self, ids, **kwargs):
         return " ".join(f"<{i}>" for i in ids)
+
+    def encode(self, text, add_special_tokens=True):
+        return [int(i) for i in re.findall(r"<(\d+)>", text)]
 
 
 def test_import_openai_labels(store, tmp_path):
@@ -286,14 +295,14 @@ def test_import_openai_labels(store, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"query": [1], "samples": [[1], [2]], "best": 0}]))
     with pytest.raises(LabelStoreError, match=r'row 0: expected .*"sample0".*"best"'):
-        store.import_openai_labels(bad, FakeTokenizer(), task="x")
+        store.import_openai_labels(bad, FakeTokenizer(), task="descriptiveness")
     bad.write_text(json.dumps({"query": [1]}))
     with pytest.raises(LabelStoreError, match="expected a JSON list"):
-        store.import_openai_labels(bad, FakeTokenizer(), task="x")
+        store.import_openai_labels(bad, FakeTokenizer(), task="descriptiveness")
     bad.write_text(json.dumps([dict(rows[0], best=4)]))
     with pytest.raises(LabelStoreError, match="best=4"):
-        store.import_openai_labels(bad, FakeTokenizer(), task="x")
-    assert store.comparisons(task="x") == []
+        store.import_openai_labels(bad, FakeTokenizer(), task="descriptiveness")
+    assert store.comparisons(task="descriptiveness") == []
 
 
 # ---- durability and concurrency ----

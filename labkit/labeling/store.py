@@ -39,6 +39,7 @@ import json
 import math
 import operator
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -46,8 +47,10 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from http.client import HTTPException
 from itertools import combinations
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # Written to the SQLite header (PRAGMA application_id) so that `file` and this module can tell a labkit
 # store from any other SQLite database. The bytes spell "lbkt".
@@ -562,46 +565,76 @@ class LabelStore:
         columns["comparison_id"] = [c.id for c, _ in rows]
         return datasets.Dataset.from_dict(columns)
 
-    def import_openai_labels(self, path, tokenizer, task, labeler="openai") -> int:
-        """Import a label file released with lm-human-preferences (e.g. sentiment/offline_5k.json).
+    def import_openai_labels(self, source, tokenizer, task, labeler="openai", padding_token=None, limit=None) -> int:
+        """Import a label file released with lm-human-preferences (e.g. labels/sentiment/offline_5k.json).
 
-        The file is a JSON list of {"query": [token ids], "sample0".."sample3": [token ids], "best": int};
-        tokens are decoded with tokenizer.decode (use the GPT-2 tokenizer for OpenAI's files). Stores one
-        comparison (sources "openai") and one label per row, all in one transaction, and returns the number
-        of labels added. Importing the same file into the same task again adds nothing and returns 0.
+        source: the file's path, or its URL (http, https or file): downloaded once into $LABKIT_CACHE/labels
+        (default ~/.cache/labkit/labels) and read from there afterwards.
+        The file is a JSON list of {"query": [token ids], "sample0".."sample{k-1}": [token ids], "best": int}.
+        The released files use GPT-2's tokenizer: pass AutoTokenizer.from_pretrained("gpt2").
+        task: a Task or a paper task's name. Stored as labkit stores its own comparisons: the query with the task's
+        prefix and suffix around it (released lm_tasks.py query_formatter; the files hold bare queries) and the
+        responses, as token ids and decoded text, without the file's padding.
+        padding_token: the id the file pads queries and responses with, removed wherever it occurs. None: the
+        released encoder's rule, the tokenizer's base vocabulary size + 2 (language/encodings.py: 50259 for GPT-2).
+        limit: import only the file's first `limit` rows, as the released trainer reads the first `labels.num_train`
+        (train_reward.py download_labels; launch.py: 4,992 for the style tasks). None: every row.
+
+        Refused whole, before anything is written: a malformed row, an id outside the tokenizer's vocabulary, or
+        ids that do not look like the tokenizer's (most sampled queries do not decode and encode back to the same
+        ids). Stores one comparison (sources "openai") and one label per row in one transaction and returns the
+        number of labels added. Importing the same file into the same task again adds nothing and returns 0.
         """
-        path = Path(path)
+        # Here, not at the top: the store loads without the rest of labkit (and labkit.reward.model loads torch).
+        # query_format_ids is the reward model's rule, so that it finds and removes exactly these prefix ids.
+        from labkit.reward.model import query_format_ids
+        from labkit.tasks import get_task
+
+        _check_labeler(labeler)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a whole number >= 1 (the first rows to import) or None, not {limit!r}.")
+        task = get_task(task)
+        n_vocab = _vocabulary_size(tokenizer)
+        pad = _file_padding(tokenizer, n_vocab, padding_token)
+        path, origin = _label_file(source)
         raw = path.read_bytes()
         digest = hashlib.sha256(raw).hexdigest()
         expected = 'a JSON list of {"query": [ints], "sample0": [ints], ..., "best": int}'
         try:
             data = json.loads(raw)
         except ValueError as e:
-            raise LabelStoreError(f"{path} is not JSON ({e}); expected {expected}") from e
+            raise LabelStoreError(f"{origin} is not JSON ({e}); expected {expected}") from e
         if not isinstance(data, list):
-            raise LabelStoreError(f"{path} holds a JSON {type(data).__name__}; expected {expected}")
+            raise LabelStoreError(f"{origin} holds a JSON {type(data).__name__}; expected {expected}")
         if not data:
-            raise LabelStoreError(f"{path} holds an empty list: no labels to import; expected {expected}")
-        _check_labeler(labeler)
-        # Decode and check everything before taking the write lock: a tokenizer can be slow, other writers
+            raise LabelStoreError(f"{origin} holds an empty list: no labels to import; expected {expected}")
+        # Check and decode everything before taking the write lock: a tokenizer can be slow, other writers
         # should not wait, and one bad row refuses the whole file.
+        if limit is not None and limit > len(data):  # the released trainer asserts the same (len(results) >= total)
+            raise LabelStoreError(f"{origin} holds {len(data)} rows, fewer than limit={limit}. Nothing was imported.")
+        data = data if limit is None else data[:limit]
+        parsed = [_parse_openai_row(row, i, origin, expected, pad, n_vocab) for i, row in enumerate(data)]
+        _check_ids_are_the_tokenizers(tokenizer, [query for query, _, _ in parsed], origin)
+        fmt = query_format_ids(task, tokenizer)
+        queries = [fmt["prefix"] + query + fmt["suffix"] for query, _, _ in parsed]
+        query_texts = _decode(tokenizer, queries)
+        sample_texts = iter(_decode(tokenizer, [s for _, samples, _ in parsed for s in samples]))
         rows = []
-        for i, row in enumerate(data):
-            query, samples, best = _parse_openai_row(row, i, path, expected)
+        for i, (query, query_text, (_, samples, best)) in enumerate(zip(queries, query_texts, parsed)):
             try:
                 comparison = _comparison_row(
-                    task, tokenizer.decode(query), [tokenizer.decode(s) for s in samples],
+                    task.name, query_text, [next(sample_texts) for _ in samples],
                     query_tokens=query, response_tokens=samples, sources="openai",
-                    extra={"imported_from": str(path), "import_sha256": digest, "row": i},
+                    extra={"imported_from": origin, "import_sha256": digest, "row": i},
                 )
             except ValueError as e:
-                raise LabelStoreError(f"{path} row {i}: {e}. Nothing was imported.") from e
+                raise LabelStoreError(f"{origin} row {i}: {e}. Nothing was imported.") from e
             rows.append((comparison, best))
         now = time.time()
         with self._write() as db:
             already = db.execute(
                 "SELECT count(*) FROM comparisons WHERE task = ? AND json_extract(extra, '$.import_sha256') = ?",
-                (task, digest),
+                (task.name, digest),
             ).fetchone()[0]
             if not already:
                 cids = [db.insert_comparison(comparison, now) for comparison, _ in rows]
@@ -610,10 +643,60 @@ class LabelStore:
                                              for cid, (c, best) in zip(cids, rows)], now)
         if already:
             # Re-running a notebook cell must not double every label.
-            warnings.warn(f"{path} was already imported into task {task!r} ({already} comparisons); "
+            warnings.warn(f"{origin} was already imported into task {task.name!r} ({already} comparisons); "
                           "nothing was added", stacklevel=2)
             return 0
         return len(rows)
+
+    def export_openai_labels(self, path, task, kind=None, *, tokenizer=None) -> int:
+        """Write the training set of `task` in the released label format, from the stored token ids; returns the
+        number of rows written.
+
+        One row per (comparison, labeler), as `training_set`: {"query": [ids], "sample0".."sample{k-1}": [ids],
+        "best": that labeler's live label}. The query is written without the task's prefix and suffix, as the
+        released files hold it; for a task that has them (tldr, cnndm) pass the tokenizer the comparisons were
+        made with, which gives their ids. `import_openai_labels` reads the file back into the same comparisons.
+        Comparisons stored without token ids are refused (the format holds ids only); nothing is written then.
+        The file is replaced atomically: a crash leaves the old one or the new one, never half of it.
+        """
+        from labkit.tasks import get_task  # here: the store loads without the rest of labkit
+
+        task = get_task(task)
+        strip = list  # a task without prefix or suffix stores its queries bare already
+        if task.query_prefix or task.query_suffix:
+            if tokenizer is None:
+                raise ValueError(
+                    f"task {task.name!r} puts {task.query_prefix!r} / {task.query_suffix!r} around its queries, which "
+                    "the released format leaves out: pass the tokenizer the comparisons were made with "
+                    "(tokenizer=...) so that their ids can be removed. Nothing was written.")
+            # The reward model's own rule (it loads torch: only for tasks that need it), so that the file's queries
+            # are exactly the ids the reward model reads.
+            from labkit.reward.model import query_format_ids, strip_query_format
+
+            fmt = query_format_ids(task, tokenizer)
+            strip = lambda query: strip_query_format(query, fmt)  # noqa: E731
+        pairs = self.training_set(task=task.name, kind=kind)
+        where = f"task {task.name!r}" + (f", kind {kind!r}" if kind is not None else "")
+        if not pairs:
+            raise LabelStoreError(f"{self.path} holds no live labels for {where}: nothing to export. Check the task "
+                                  "and kind (store.counts() lists what is there). Nothing was written.")
+        missing = sorted({c.id for c, _ in pairs if not c.query_tokens or not all(c.response_tokens)})
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            raise LabelStoreError(
+                f"{len(missing)} labeled comparisons of {where} have no stored token ids (ids {shown}): they were "
+                "added as text only, and the released format holds token ids only. Add them again with "
+                "query_tokens= and response_tokens=, or select others with kind=. Nothing was written.")
+        out = []
+        for c, label in pairs:
+            query = strip(c.query_tokens)
+            if not query:
+                raise LabelStoreError(f"comparison {c.id}'s query holds only the task's prefix and suffix, no text: "
+                                      "the released format cannot hold an empty query. Nothing was written.")
+            out.append({"query": query, **{f"sample{j}": t for j, t in enumerate(c.response_tokens)},
+                        "best": label.best})
+        _write_atomically(Path(path).expanduser(), json.dumps(out, separators=(",", ":")).encode())
+        return len(out)
 
     def integrity_check(self) -> str:
         """SQLite's full consistency check plus the foreign keys: "ok" when the file is healthy."""
@@ -918,26 +1001,172 @@ def _token_list(tokens, name) -> list[int]:
         raise ValueError(f"{name} must be a list of token ids (ints): {e}. For a tensor, pass tensor.tolist()") from e
 
 
-def _parse_openai_row(row, i, path, expected):
+def _parse_openai_row(row, i, origin, expected, pad, n_vocab):
+    """One row of a released label file: (query, samples, best), the padding id removed from every list and each
+    remaining id checked against the tokenizer's vocabulary."""
     if not isinstance(row, dict) or not {"query", "sample0", "sample1", "best"} <= row.keys():
         got = f"keys {sorted(row)}" if isinstance(row, dict) else f"a {type(row).__name__}"
-        raise LabelStoreError(f"{path} row {i}: expected {expected}, got {got}")
+        raise LabelStoreError(f"{origin} row {i}: expected {expected}, got {got}")
     k = 0
     while f"sample{k}" in row:
         k += 1
+    names = ["query", *(f"sample{j}" for j in range(k))]
     try:
-        query = _token_list(row["query"], "query")
-        samples = [_token_list(row[f"sample{j}"], f"sample{j}") for j in range(k)]
+        lists = [_token_list(row[name], name) for name in names]
     except ValueError as e:
-        raise LabelStoreError(f"{path} row {i}: {e}; expected {expected}") from e
-    empty = [name for name, tokens in (("query", query), *((f"sample{j}", s) for j, s in enumerate(samples)))
-             if not tokens]
+        raise LabelStoreError(f"{origin} row {i}: {e}; expected {expected}") from e
+    if pad is not None:
+        # The released code pads queries to query_length and responses after their truncation token with this id
+        # (language/datasets.py, lm_tasks.py postprocess_fn_from_hparams); it is no token, so it leaves no text.
+        lists = [[t for t in ids if t != pad] for ids in lists]
+    empty = [name for name, ids in zip(names, lists) if not ids]
     if empty:
-        raise LabelStoreError(f"{path} row {i}: {', '.join(empty)} is an empty token list; expected {expected}")
+        padding = f" (once the padding id {pad} is removed)" if pad is not None else ""
+        raise LabelStoreError(f"{origin} row {i}: {', '.join(empty)} is an empty token list{padding}; "
+                              f"expected {expected}")
+    for name, ids in zip(names, lists):
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise LabelStoreError(
+                f"{origin} row {i}: {name} holds the token id {bad}, which this tokenizer does not have (its ids are "
+                f"0..{n_vocab - 1}): the file was made with another tokenizer. The released files use GPT-2's "
+                "(50257 ids): pass AutoTokenizer.from_pretrained(\"gpt2\"). Nothing was imported.")
     best = row["best"]
     if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < k:
-        raise LabelStoreError(f"{path} row {i}: best={best!r} must be an int in 0..{k - 1}; expected {expected}")
-    return query, samples, best
+        raise LabelStoreError(f"{origin} row {i}: best={best!r} must be an int in 0..{k - 1}; expected {expected}")
+    return lists[0], lists[1:], best
+
+
+# Rows whose queries are decoded and encoded again to tell whether the ids are the tokenizer's: enough to tell
+# a tokenizer from another, a fraction of a second.
+_ROUND_TRIP_ROWS = 200
+
+
+def _check_ids_are_the_tokenizers(tokenizer, queries, origin):
+    """Refuse ids that another tokenizer made. A bigger vocabulary passes the id range check, and any ids decode
+    to some text; but a tokenizer's own encoding of real text decodes and encodes back to the same ids (all but a
+    few, e.g. a query cut inside a multi-byte character), while another's seldom does."""
+    step = max(1, len(queries) // _ROUND_TRIP_ROWS)
+    picked = list(range(0, len(queries), step))[:_ROUND_TRIP_ROWS]  # spread over the file, not only its head
+    texts = _decode(tokenizer, [queries[i] for i in picked], skip_special_tokens=False,
+                    clean_up_tokenization_spaces=False)  # the clean-up would change spacing: no round trip
+    failed = [i for i, text in zip(picked, texts) if tokenizer.encode(text, add_special_tokens=False) != queries[i]]
+    if 2 * len(failed) > len(picked):
+        raise LabelStoreError(
+            f"{origin}: the ids do not look like this tokenizer's: {len(failed)} of {len(picked)} sampled queries "
+            f"(e.g. row {failed[0]}) do not encode back to the same ids once decoded. The released files use "
+            "GPT-2's tokenizer: pass AutoTokenizer.from_pretrained(\"gpt2\"). Nothing was imported.")
+
+
+def _decode(tokenizer, seqs, **kwargs) -> list[str]:
+    """Texts of many id lists. By default as labkit decodes its own samples (labkit.sampling: special tokens
+    dropped), so that imported comparisons read like sampled ones."""
+    kwargs = {"skip_special_tokens": True, **kwargs}
+    if hasattr(tokenizer, "batch_decode"):  # a fast tokenizer decodes a batch in parallel
+        return list(tokenizer.batch_decode(seqs, **kwargs))
+    return [tokenizer.decode(s, **kwargs) for s in seqs]
+
+
+def _vocabulary_size(tokenizer) -> int:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (len(), encode(), decode()), got "
+                        f"{type(tokenizer).__name__}; for the released files: AutoTokenizer.from_pretrained(\"gpt2\")"
+                        ) from None
+
+
+def _file_padding(tokenizer, n_vocab, padding_token) -> int | None:
+    """The id to remove from a label file's token lists; None: remove nothing."""
+    if padding_token is None:
+        # The released encoder pads with len(encoder) + 2 (language/encodings.py), its vocabulary without added
+        # tokens: a Hugging Face tokenizer's vocab_size. So gpt2 with a pad token added (load_lm adds one, which
+        # makes len() 50258) still gets the files' 50259.
+        base = getattr(tokenizer, "vocab_size", None)
+        base = base if isinstance(base, int) and not isinstance(base, bool) else n_vocab
+        # A tokenizer with more added tokens than that has a real token at that id: files made for it cannot hold
+        # that padding, so nothing is removed rather than real text.
+        return base + 2 if base + 2 >= n_vocab else None
+    pad = _index(padding_token, "padding_token",
+                 "the id the file pads with (the released files: 50259, GPT-2's 50257 ids + 2), or None")
+    if pad < n_vocab:
+        raise ValueError(f"padding_token={pad} is a real token of this tokenizer (its ids are 0..{n_vocab - 1}): "
+                         "removing it would delete text. The released files pad with an id outside the vocabulary "
+                         "(50259 for GPT-2); leave padding_token=None for that.")
+    return pad
+
+
+_URL_SCHEMES = ("http", "https", "file")
+# Seconds without data before a download gives up (a stalled connection; not the whole download's time).
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+def _label_file(source) -> tuple[Path, str]:
+    """(the local file to read, how messages name it) for a path or an http/https/file URL."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"source must be a label file's path or URL (a str or Path), got {source!r}")
+    if "://" in source:
+        scheme = urlsplit(source).scheme.lower()
+        if scheme not in _URL_SCHEMES:
+            raise LabelStoreError(f"{source}: only {', '.join(_URL_SCHEMES)} URLs can be downloaded here. Download "
+                                  "the file by hand and pass its path. Nothing was imported.")
+        return _download_once(source), source
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise LabelStoreError(f"{path} {'is not a file' if path.exists() else 'does not exist'}: pass the path of a "
+                              "label file, or its URL (https://...). Nothing was imported.")
+    return path, str(path)
+
+
+def _download_once(url) -> Path:
+    """The file at `url`, downloaded into $LABKIT_CACHE/labels the first time and read from there afterwards."""
+    from urllib.request import urlopen
+
+    from labkit.models import cache_dir  # labkit's one cache folder rule ($LABKIT_CACHE)
+
+    # The URL's hash keeps apart files of one name (sentiment/ and descriptiveness/ both hold offline_5k.json).
+    name = Path(urlsplit(url).path).name or "labels.json"
+    target = cache_dir() / "labels" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+    if target.is_file():
+        return target
+    # A download cut short must never be taken for the file: write beside it and rename when complete. The pid
+    # keeps two processes fetching at once out of each other's way; the rename makes the last one win, whole.
+    part = target.with_name(f"{target.name}.{os.getpid()}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+            size = out.tell()
+            out.flush()
+            os.fsync(out.fileno())
+            announced = response.headers.get("Content-Length")
+        if announced is not None and announced.isdigit() and size != int(announced):
+            raise OSError(f"the connection closed after {size:,} of {int(announced):,} bytes")
+        os.replace(part, target)
+    except (OSError, ValueError, HTTPException) as e:  # URLError and timeouts are OSErrors
+        with suppress(OSError):
+            part.unlink()
+        raise LabelStoreError(
+            f"could not download {url} ({e}). Download it by hand, e.g. `curl -L -o labels.json '{url}'`, and "
+            "pass the file's path instead. Nothing was imported.") from e
+    return target
+
+
+def _write_atomically(path: Path, data: bytes):
+    """Write `path` so that a crash leaves either its old content or all of `data`."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    except BaseException:
+        with suppress(OSError):
+            part.unlink()
+        raise
 
 
 def _filters(*clauses, task=None, kind=None, labeler=None):

@@ -16,8 +16,8 @@ Every source yields `Prompt`s: the source text and, for summaries, a reference s
 | a file path                      | a local .jsonl/.json/.csv/.parquet file in one of the schemas below             |
 
 "paper" downloads each released file once into `$LABKIT_CACHE` (default ~/.cache/labkit): book passages, the TL;DR
-subset, and for CNN/DM the released URL lists. The released code read the CNN/DM stories from a bucket that is not
-public, so their articles come from the hub's cnn_dailymail 3.0.0 rows whose `id` is the SHA1 of the URL. Those differ
+subset, and for CNN/DM the released URL lists. The released code read the CNN/DM stories from a Google Cloud Storage
+bucket (gs://), not from that web address, so their articles come from the hub's cnn_dailymail 3.0.0 rows whose `id` is the SHA1 of the URL. Those differ
 from the released stories: the hub's builder joined each story's lines with spaces, adding " ." to lines without final
 punctuation. Those joins are turned back into line breaks before the released cleanup (cnndm.py clean_up_start), but
 paragraph breaks between punctuated lines are lost, and stories the hub dropped (no article or no highlights) are

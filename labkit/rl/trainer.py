@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import random
@@ -53,7 +54,8 @@ from labkit.sampling import Rollout, batch_slices, forward_responses, masked_ids
 from labkit.speed.checkpointing import checkpoint_blocks
 from labkit.tasks import Task, format_query, get_task
 
-RewardFn = Callable[[list[str], list[str]], "list[float] | torch.Tensor"]
+RewardFn = Callable[..., "list[float] | torch.Tensor"]
+"""`(queries, responses) -> scores`, or `(queries, responses, references=...) -> scores` (`reward_takes_references`)."""
 
 
 @dataclass
@@ -67,23 +69,52 @@ class UpdateBatch:
     returns: torch.Tensor
 
 
-def _as_prompt_texts(prompts) -> list[str]:
-    """Source texts of `prompts` (str or labkit.data.Prompt); a blank one is refused with its index (it would
-    become an empty query, which no model can continue)."""
+def _as_prompt_texts(prompts) -> tuple[list[str], list[str | None]]:
+    """Source texts of `prompts` (str or labkit.data.Prompt) and their references (`Prompt.reference`; None for a
+    plain string); a blank text is refused with its index (it would become an empty query, which no model can
+    continue)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of texts (or labkit.data.Prompt), not one string: pass [text].")
+    prompts = list(prompts)  # read twice below: a generator would be empty the second time
     texts = [p if isinstance(p, str) else getattr(p, "text", p) for p in prompts]
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"Prompt {i} is {t!r}: every prompt must be a non-empty text. Remove it or fill it in.")
-    return texts
+    return texts, [None if isinstance(p, str) else getattr(p, "reference", None) for p in prompts]
+
+
+def reward_takes_references(reward) -> bool:
+    """Whether PPOTrainer calls the reward function `reward(queries, responses, references=[...])`: it has a
+    parameter named `references` or takes **kwargs. Otherwise it is called `reward(queries, responses)`.
+
+    A TypeError when it cannot be called either way (e.g. it takes one argument), so that a wrong function fails
+    when it is set, not in the middle of an update. A callable whose signature Python cannot read (some builtins)
+    is called the plain way."""
+    try:
+        sig = inspect.signature(reward)
+    except (TypeError, ValueError):
+        return False
+    takes = any(p.kind is p.VAR_KEYWORD or (p.name == "references" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+                for p in sig.parameters.values())
+    try:
+        sig.bind([], [], references=[]) if takes else sig.bind([], [])
+    except TypeError as err:
+        how = "reward(queries, responses, references=...)" if takes else "reward(queries, responses)"
+        raise TypeError(f"The reward function {getattr(reward, '__name__', type(reward).__name__)}{sig} cannot be called as "
+                        f"{how}: {err}. A reward function takes the lists of query and response texts (and, to "
+                        "get each prompt's reference, a parameter named `references`) and returns one score per "
+                        "response.") from None
+    return takes
 
 
 class PPOTrainer:
     """Fine-tunes `policy` (pi) against `reward` with a KL penalty to a frozen copy of it (rho).
 
     reward: a `RewardModel`, or any callable `(queries: list[str], responses: list[str]) -> scores`; or None
-    until one is set (the online loop fits its first reward model after the trainer exists).
+    until one is set (the online loop fits its first reward model after the trainer exists). A callable with a
+    parameter named `references` (or **kwargs) is called `reward(queries, responses, references=refs)`, where
+    refs[i] is the reference of the prompt rollout i's query was made from (`Prompt.reference`, e.g. a post's own
+    TL;DR; None for a prompt given as a plain string).
     prompts: source texts (str or labkit.data.Prompt); queries are formatted by the task.
     run_dir: where checkpoints go; if it already holds one, the trainer resumes from it.
     """
@@ -97,7 +128,7 @@ class PPOTrainer:
         # control tokens), in every pass, as the released code slices the logits (policy.py Policy.step_core)
         self.masked_ids = masked_ids_for(policy, tokenizer)
         self.reward = reward
-        self.prompts = _as_prompt_texts(prompts)
+        self.prompts, self.references = _as_prompt_texts(prompts)
         if not self.prompts:
             raise ValueError("PPOTrainer needs at least one prompt.")
         self.queries = [format_query(self.task, t, tokenizer) for t in self.prompts]  # token ids, formatted once
@@ -169,6 +200,21 @@ class PPOTrainer:
         if self.run_dir is not None:
             self._resume(verbose)
 
+    @property
+    def reward(self) -> RewardModel | RewardFn | None:
+        """The reward PPO scores rollouts with; set it to swap it between updates (the online loop's refits)."""
+        return self._reward[0]
+
+    @reward.setter
+    def reward(self, reward: RewardModel | RewardFn | None) -> None:
+        # how a function is called is decided here, once, and stored with it in one assignment: an update reads
+        # both together under the lock (`_rollout`), so a swap between updates never pairs one with the other's
+        if reward is not None and not isinstance(reward, RewardModel) and not callable(reward):
+            raise TypeError(f"reward is a {type(reward).__name__}: it must be a RewardModel, a function "
+                            "(queries, responses) -> scores, or None until one is set.")
+        takes = reward is not None and not isinstance(reward, RewardModel) and reward_takes_references(reward)
+        self._reward = (reward, takes)
+
     def _resume(self, verbose: bool) -> None:
         """Continue from the run folder's newest complete checkpoint, if any, and cut metrics.jsonl back to it
         (a kill after an update's metrics line but before its checkpoint would otherwise repeat that step)."""
@@ -216,11 +262,11 @@ class PPOTrainer:
         t = {"start": _clock(self.device)}
 
         # 1. sample queries and roll out pi (no state changes before step 6: an interrupt here is harmless)
-        roll, reward = self._rollout()
+        roll, reward, references = self._rollout()
         t["generation"] = _clock(self.device)
 
         # 2. score the truncated responses
-        scores = self._score(roll, reward)  # (B,)
+        scores = self._score(roll, reward, references)  # (B,)
 
         # 3. rho's log-probs, and pi's old log-probs and values (`_old_logprobs_and_values`). A separate value
         #    model with one minibatch gets its old values from its first training epoch instead (step 5).
@@ -274,20 +320,26 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------
     # the update's parts, in order
 
-    def _rollout(self) -> tuple[Rollout, RewardModel | RewardFn]:
+    def _rollout(self) -> tuple[Rollout, RewardModel | RewardFn, list[str | None] | None]:
         """Step 1: B queries drawn with replacement and pi's responses, keeping the sampler's keys and values of
-        the queries for the scoring pass; and the reward, read under the lock (an online refit swaps it between
-        updates, never within one)."""
+        the queries for the scoring pass; the reward, read under the lock (an online refit swaps it between
+        updates, never within one); and, for a reward function that takes them, the references of the rows'
+        prompts (row b's query is prompt idx[b]'s: `sample` keeps the order), else None.
+
+        Under several processes `idx` is this process's own draw (its rng is seeded per process) and the rollout
+        holds only this process's rows, so each process scores its own rows with their own references."""
         cfg = self.config
         idx = self.rng.integers(0, len(self.queries), size=cfg.batch_size)
         with self._lock:
             roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
                           generator=self.generator, batch_size=cfg.generation_batch_size, keep_query_prefix=True,
                           masked_ids=self.masked_ids)
-            return roll, self.reward
+            reward, takes_references = self._reward
+            return roll, reward, [self.references[i] for i in idx] if takes_references else None
 
-    def _score(self, roll: Rollout, reward) -> torch.Tensor:
-        """Step 2: scores (B,) of truncated responses; the task's penalty where no truncation token was found."""
+    def _score(self, roll: Rollout, reward, references: list[str | None] | None = None) -> torch.Tensor:
+        """Step 2: scores (B,) of truncated responses; the task's penalty where no truncation token was found.
+        `references` (one per row, from `_rollout`) are passed to a reward function that takes them."""
         if reward is None:
             raise RuntimeError("This trainer has no reward yet: set trainer.reward to a RewardModel or a function, "
                                "or call OnlineLoop.refit() to fit one on the labels so far.")
@@ -295,7 +347,8 @@ class PPOTrainer:
             scores = reward.score_rollout(roll, batch_size=self._chunk_size(len(roll))).float().to(self.device)
             _require_finite("the reward model's scores (its weights, gain or bias hold NaN or inf)", scores)
         else:
-            scores = scores_from_reward_fn(reward(roll.query_texts, roll.response_texts), len(roll)).to(self.device)
+            extra = {} if references is None else {"references": references}
+            scores = scores_from_reward_fn(reward(roll.query_texts, roll.response_texts, **extra), len(roll)).to(self.device)
         return torch.where(roll.found, scores, torch.full_like(scores, self.task.penalty))
 
     def _rho_logprobs(self, roll: Rollout) -> torch.Tensor:

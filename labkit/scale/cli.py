@@ -12,12 +12,17 @@ batch statistics are global, and only the main process reads the label database 
 an FSDP config (examples/accelerate/fsdp.yaml) the models are also sharded across the processes.
 Both commands write `metrics.jsonl` (one JSON dict per step) into their folder while they run; a notebook
 plots it live with `Dashboard.from_jsonl(path)` and `dash.refresh_from_jsonl(path)`.
+
+A job's reward may be a function of your own, "module:function" (labkit.scale.jobs.reward_function): both
+commands import from the folder they run in first, as `python -m` does, so that a module in that folder imports
+under the `labkit` console script too (whose sys.path starts at the script's own folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,7 +32,7 @@ import torch
 from labkit import distributed
 from labkit.rl import checkpoint
 from labkit.rl.config import PPOConfig
-from labkit.scale.jobs import PPOJob, RewardJob
+from labkit.scale.jobs import PPOJob, RewardJob, reward_function
 
 
 class MetricsFile:
@@ -130,8 +135,12 @@ def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
 
 
 def _load_reward(job: PPOJob, tokenizer, device):
+    """The job's reward: a function of your own, vader's score, or a saved reward model (PPOJob.reward)."""
     from labkit.reward import RewardModel
 
+    function = reward_function(job.reward)  # imported when the job loaded: the module is cached
+    if function is not None:
+        return function  # PPOTrainer passes it references if it takes them
     if job.reward == "vader":
         from labkit.labeling.labelers import VaderLabeler
 
@@ -222,6 +231,14 @@ def run_ppo(job: PPOJob, device, check_sync: bool = False) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def _import_from_working_directory() -> None:
+    """Put the working directory first on sys.path, as `python -m labkit.scale.cli` does: the `labkit` console
+    script starts sys.path at its own folder, where a job's "myrewards:score" would not be found."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # "": the interactive interpreter's way of saying the same
+        sys.path.insert(0, cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="labkit", description="Train headless from a job file saved in a notebook (labkit.scale.jobs). "
@@ -234,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--check-sync", action="store_true",
                        help="at the end, check that every process holds bit-identical weights and print their digest")
     args = parser.parse_args(argv)
+    _import_from_working_directory()  # before the job loads: it imports a reward function of the user's
     if args.command == "train-reward":
         job = RewardJob.load(args.job)
         train_reward(job, distributed.init_processes(), args.check_sync)

@@ -76,9 +76,10 @@ class RewardJob:
     label_kinds: list[str] = field(default_factory=lambda: ["train", "validation"])
     """Comparison kinds to train on (the online loop trains on "train" and "validation")."""
     prompt_source: str = "demo"
-    """Prompts whose rho samples set the normalisation: "demo", "hub" or a local file (labkit.data)."""
+    """Prompts whose rho samples set the normalisation: a `labkit.data.load_prompts` source ("demo", "paper", "hub", a
+    named hub dataset such as "trl-lib/tldr") or a local file in any of its schemas."""
     prompt_split: str = "train"
-    """"train", "validation" or "all" (demo and hub sources)."""
+    """"train", "validation" or "all" (every split of the source; a local file is used whole)."""
     reward: RewardConfig | None = None
     """Training settings; None = the task's recipe (`recipe_of(task)`, for a paper task `recipe_for(task)`).
     `reward.batch_size` is per optimiser step over ALL processes (each takes a share)."""
@@ -134,9 +135,10 @@ class PPOJob:
     `(queries, responses) -> one score per response`, given each rollout's prompt reference too if it has a
     parameter named `references` (PPOTrainer). The CLI imports from the folder it runs in first."""
     prompt_source: str = "demo"
-    """"demo" (embedded), "hub" (the paper's datasets) or a local file (labkit.data.load_prompts)."""
+    """A `labkit.data.load_prompts` source: "demo" (embedded), "paper" (the 2019 paper's released data), "hub", a named
+    hub dataset such as "trl-lib/tldr", or a local file in any of its schemas."""
     prompt_split: str = "train"
-    """"train", "validation" or "all" (demo and hub sources)."""
+    """"train", "validation" or "all" (every split of the source; a local file is used whole)."""
     ppo: PPOConfig | None = None
     """PPO settings; None = the task's recipe (`recipe_of(task)`, for a paper task `recipe_for(task)`).
     `ppo.batch_size` rollouts are sampled by EACH process per update."""

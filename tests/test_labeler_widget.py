@@ -56,7 +56,7 @@ def test_click_stores_best_as_the_stored_index_of_the_display_position(store):
     perm = list(lab.permutation)
     lab.buttons[3].click()
     assert store.labels()[-1].best == perm[3]
-    assert "labeled 2" in lab._progress.value and "queued 1" in lab._progress.value
+    assert "labeled 2 (2 this session)" in lab._progress.value and "queued 1" in lab._progress.value
 
 
 def test_orders_are_shuffled_and_seeded(store):
@@ -213,8 +213,9 @@ def test_make_comparisons_with_tiny_model(store, tiny):
     task = SENTIMENT.with_(response_length=20, truncation=TruncationRule(text="e", after=2, tokens="contains"))
     prompts = [Prompt("First. A calm morning by the lake. The end."), "Intro. Rain fell on the roofs all day."]
     ids = make_comparisons(store, model, tok, task, prompts, k=3, source=["rho", "rho", "pi"],
-                           generator=torch.Generator().manual_seed(3), batch_size=4)
-    assert len(ids) == 2
+                           generator=torch.Generator().manual_seed(3), batch_size=4,
+                           require_truncation=False, progress=False)  # the raw samples, failures included
+    assert len(ids) == 2 and ids.left_out == []
     comparisons = [store.comparison(i) for i in ids]
     c = comparisons[0]
     assert c.task == task.name and c.k == 3 and c.sources == ["rho", "rho", "pi"] and c.reference is None
@@ -265,16 +266,78 @@ def test_view_state_is_read_from_the_store(store):
     lab.choose(1)
     lab.choose(2)
     lab.undo()
-    assert lab.current.id == ids[1] and "labeled 1 " in lab._progress.value  # the undone label no longer counts
+    assert lab.current.id == ids[1] and "labeled 1 (1 this session)" in lab._progress.value  # undone: not counted
     # A second view of the same store and name (another notebook, or this one after a kernel restart) shows
     # the same comparison in the same order; a label made there counts here at the next render.
     other = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=4)
     assert other.current.id == ids[1] and other.permutation == lab.permutation
     other.choose(0)
     lab.refill_button.click()  # "Check again" re-reads the queue
-    assert lab.current.id == ids[2] and "labeled 2 · queued 1 " in lab._progress.value
+    assert lab.current.id == ids[2] and "labeled 2 (2 this session) · queued 1 " in lab._progress.value
     lab.undo()  # the store knows alice's last action, although another view made it
-    assert lab.current.id == ids[1] and "labeled 1 · queued 2 " in lab._progress.value
+    assert lab.current.id == ids[1] and "labeled 1 (1 this session) · queued 2 " in lab._progress.value
+
+
+def test_counter_shows_the_stores_total_after_a_restart(store):
+    ids = add_fixed(store, 5)
+    for i in ids[:3]:
+        store.record_label(i, 0, "alice")
+    store.record_label(ids[3], 0, "bob")
+    store.add_comparison("other", "q", ["a", "b"])
+    store.record_label(store.comparisons(task="other")[0].id, 0, "alice")  # another task: not this queue's
+    # A new kernel: a new widget over a store that already holds alice's labels.
+    lab = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=0)
+    assert lab._progress.value.startswith("labeled 3 (0 this session) · queued 2 · – labels/min")
+    lab.choose(0)
+    assert lab._progress.value.startswith("labeled 4 (1 this session) · queued 1 · ")
+    lab.labeler_name.value = "bob"  # another person: their total, a new session
+    assert lab._progress.value.startswith("labeled 1 (0 this session) · queued 4 · ")
+
+
+def test_a_stale_second_view_refuses_a_second_label(store):
+    """Two widgets for one labeler (a cell run twice): a pick in the older one, on a comparison already labeled
+    in the newer one, writes nothing and moves on."""
+    ids = add_fixed(store, 3)
+    old = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=0)
+    new = ComparisonLabeler(store, SENTIMENT, labeler="alice", seed=0)
+    assert old.current.id == new.current.id == ids[0]
+    new.choose(1)
+    old.note.value = "my note"
+    old.buttons[2].click()
+    assert [(lb.comparison_id, lb.labeler) for lb in store.labels(include_retracted=True)] == [(ids[0], "alice")]
+    assert "already labeled in another view" in old._status.value and "labkit-error" in old._status.value
+    assert old.current.id == ids[1] and old.note.value == "my note"  # the note waits for the next label
+    new.skip()  # skips ids[1] in the newer view: the older one's skip is refused too
+    old.skip()
+    assert "#%d was already skipped in another view" % ids[1] in old._status.value
+    assert store.counts() == [dict(task=TASK, labeler="alice", labels=1, skips=1, retracted=0)]
+    assert old.current.id == ids[2]
+    # Undo still works (from either view): the comparison is pending again and can be labeled once.
+    old.undo()
+    assert old.current.id == ids[1]
+    old.choose(0)
+    assert "saved" in old._status.value and store.labels()[-1].comparison_id == ids[1]
+    assert store.labels()[-1].note == "my note"
+
+
+def test_each_action_asks_the_key_area_for_the_focus(store):
+    add_fixed(store, 3)
+    lab = ComparisonLabeler(store, SENTIMENT, seed=0)
+    before = lab.keys.focus_requests
+    lab.buttons[0].click()
+    lab.skip_button.click()
+    lab.undo_button.click()
+    assert lab.keys.focus_requests >= before + 3  # the page decides whether the focus is free to take
+
+
+def test_instructions_say_how_to_treat_responses_without_a_cut_point(store):
+    from labkit.widgets.labeler import NO_CUT_POINT_INSTRUCTION
+
+    assert "scores the fixed penalty in PPO whatever you pick" in NO_CUT_POINT_INSTRUCTION
+    shown = lambda lab: lab.widget.children[1].value  # noqa: E731 - the header
+    assert NO_CUT_POINT_INSTRUCTION in shown(ComparisonLabeler(store, SENTIMENT, seed=0))
+    untruncated = SENTIMENT.with_(truncation=None)  # never penalised: nothing to say
+    assert NO_CUT_POINT_INSTRUCTION not in shown(ComparisonLabeler(store, untruncated, seed=0))
 
 
 def html_widgets(widget):

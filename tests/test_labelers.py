@@ -82,9 +82,12 @@ def test_label_pending_stores_under_labeler_ids(tmp_path):
         assert label_pending(store, VaderLabeler(), task="sentiment", limit=2) == 2
         assert label_pending(store, VaderLabeler(), task="sentiment") == 1
         assert label_pending(store, VaderLabeler(), task="sentiment") == 0  # nothing left
-        assert label_pending(store, DescriptivenessLabeler(), task="sentiment") == 3
+        # Other mocks on the same comparisons (to study agreement) must ask for it: by default a mock
+        # labels only what nobody has labeled.
+        assert label_pending(store, DescriptivenessLabeler(), task="sentiment") == 0
+        assert label_pending(store, DescriptivenessLabeler(), task="sentiment", also_labeled_by_others=True) == 3
         noisy = VaderLabeler(temperature=0.3, seed=1, labeler_id="mock:vader@T0.3")
-        assert label_pending(store, noisy, task="sentiment") == 3
+        assert label_pending(store, noisy, task="sentiment", also_labeled_by_others=True) == 3
 
         vader = store.labels(labeler="mock:vader")
         assert [lb.comparison_id for lb in vader] == cids and all(lb.best == 1 for lb in vader)
@@ -106,3 +109,23 @@ def test_skip_ties_skips_a_shared_top_and_stores_the_skip(tmp_path):
         assert [(c.id, lb.best) for c, lb in store.training_set(task="sentiment")] == [(cids[1], 2)]
         assert store.pending("mock:vader") == []  # skips count as handled: not offered again
         assert label_pending(store, labeler, task="sentiment") == 0
+
+
+def test_a_mock_labels_only_what_no_person_labeled_or_skipped(tmp_path, capsys):
+    with LabelStore(tmp_path / "labels.db") as store:
+        cids = store.add_comparisons([dict(task="sentiment", query=f"q{i}", responses=[SAD, HAPPY]) for i in range(6)])
+        store.record_label(cids[0], 0, "alice")  # the person prefers the sad one here
+        store.record_skip(cids[1], "alice")  # and found this one not worth labeling
+        store.record_label(cids[2], 0, "bob")
+        store.undo("bob")  # retracted: free for the mock again
+
+        assert label_pending(store, VaderLabeler(), task="sentiment") == 4
+        assert [lb.comparison_id for lb in store.labels(labeler="mock:vader")] == cids[2:]
+        # training_set: one label per (comparison, labeler), so a mock label beside alice's would count as much.
+        assert [(c.id, lb.labeler) for c, lb in store.training_set() if c.id in cids[:2]] == [(cids[0], "alice")]
+        assert "labeling as mock:vader" in capsys.readouterr().err  # the progress bar
+
+        # The old behaviour, on request: everything the mock itself has not handled.
+        n = label_pending(store, VaderLabeler(), task="sentiment", also_labeled_by_others=True, progress=False)
+        assert n == 2 and capsys.readouterr().err == ""
+        assert sorted(lb.comparison_id for lb in store.labels(labeler="mock:vader")) == cids

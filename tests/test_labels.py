@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import labkit.labeling.store
-from labkit.labeling.store import Comparison, Label, LabelStore, LabelStoreError
+from labkit.labeling.store import AlreadyLabeledError, Comparison, Label, LabelStore, LabelStoreError
 
 LABELS_PY = Path(labkit.labeling.store.__file__)
 
@@ -195,6 +195,75 @@ def test_pending_filters_by_task_and_kind(store):
     store.record_label(b, 0, "alice")
     assert store.pending("alice", task="sentiment") == [a]
     assert store.pending("bob", task="sentiment") == [a, b]
+
+
+def test_pending_can_leave_out_what_others_labeled_or_skipped(store):
+    a, b, c, d = add(store), add(store), add(store), add(store, task="other")
+    store.record_label(a, 0, "alice")
+    store.record_skip(b, "bob")
+    store.record_label(c, 1, "mock")
+    assert store.pending("mock") == [a, b, d]
+    assert store.pending("mock", exclude_labeled_by_others=True) == [d]
+    assert store.pending("mock", task="sentiment", exclude_labeled_by_others=True) == []
+    store.undo("alice")  # a retracted label no longer counts
+    assert store.pending("mock", task="sentiment", exclude_labeled_by_others=True) == [a]
+
+
+def test_if_pending_refuses_a_labelers_second_live_action(tmp_path):
+    # Two connections to one file, as two widgets in two kernels (or one kernel) would have.
+    with LabelStore(tmp_path / "labels.db") as first, LabelStore(tmp_path / "labels.db") as second:
+        c1, c2 = add(first), add(first)
+        label_id = second.record_label(c1, 2, "alice", if_pending=True)
+        for write in (lambda: first.record_label(c1, 0, "alice", if_pending=True, note="stale view"),
+                      lambda: first.record_skip(c1, "alice", if_pending=True)):
+            with pytest.raises(AlreadyLabeledError, match=r"'alice' already has a live label .* comparison \d+") as e:
+                write()
+            assert e.value.comparison_id == c1 and e.value.labeler == "alice"
+            assert e.value.existing == {"type": "label", "id": label_id}
+            assert isinstance(e.value, LabelStoreError)
+        assert [(lb.comparison_id, lb.best) for lb in first.labels(include_retracted=True)] == [(c1, 2)]
+        assert first.counts()[0]["skips"] == 0  # nothing was written
+        first.record_label(c1, 1, "bob", if_pending=True)  # another labeler is not affected
+
+        # A skip blocks too; undo makes the comparison pending again, and then it can be labeled.
+        skip_id = first.record_skip(c2, "alice", if_pending=True)
+        with pytest.raises(AlreadyLabeledError) as e:
+            second.record_label(c2, 0, "alice", if_pending=True)
+        assert e.value.existing == {"type": "skip", "id": skip_id}
+        assert second.undo("alice")["id"] == skip_id
+        second.record_label(c2, 3, "alice", if_pending=True)
+
+        # Without if_pending (the default) a newer label is appended, and training uses the latest one.
+        first.record_label(c1, 0, "alice")
+        assert [(c.id, lb.best) for c, lb in first.training_set() if lb.labeler == "alice"] == [(c1, 0), (c2, 3)]
+
+
+def test_if_pending_lets_one_of_many_racing_writers_through(tmp_path):
+    """The check runs inside the write transaction: of several connections racing to label one comparison for
+    the same labeler, exactly one succeeds."""
+    path = tmp_path / "labels.db"
+    with LabelStore(path) as store:
+        cid = add(store)
+    stores = [LabelStore(path) for _ in range(4)]
+    start, results = threading.Barrier(len(stores)), []
+
+    def work(i):
+        start.wait()
+        try:
+            results.append(stores[i].record_label(cid, i, "alice", if_pending=True))
+        except AlreadyLabeledError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert sorted(results, key=str).count("refused") == 3
+    with LabelStore(path) as store:
+        assert len(store.labels(labeler="alice", include_retracted=True)) == 1
 
 
 # ---- several labelers ----

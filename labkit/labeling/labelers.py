@@ -8,7 +8,8 @@ learned from its labels.
 `temperature` simulates noisy, disagreeing labelers: 0 always picks the highest score; T > 0 picks
 response i with probability exp(score_i / T) / sum_j exp(score_j / T). T is in the units of the score
 (VADER compound and ROUGE-L F1 lie in [-1, 1] and [0, 1], so T = 0.1 is already noisy).
-Give each simulated labeler its own `labeler_id` and `seed` to study agreement between them.
+Give each simulated labeler its own `labeler_id` and `seed` to study agreement between them, and label with
+`label_pending(..., also_labeled_by_others=True)`: by default a mock labels only what nobody else has.
 
 `skip_ties=True` makes a labeler skip (as a person presses "skip") when the best score is shared: VADER
 gives exactly 0.0 to any text without a sentiment word, so about a quarter of 4-way comparisons of 24-token
@@ -34,22 +35,39 @@ class Labeler(Protocol):
         ...
 
 
-def label_pending(store: LabelStore, labeler: Labeler, task=None, kind=None, limit=None) -> int:
-    """Have `labeler` label every comparison it has neither labeled nor skipped (at most `limit`), oldest
-    first. Labels and skips (choose() returned None) are stored under labeler.labeler_id; returns how many
-    comparisons were handled (labels + skips)."""
-    todo = set(store.pending(labeler.labeler_id, task=task, kind=kind))
+def label_pending(store: LabelStore, labeler: Labeler, task=None, kind=None, limit=None, *,
+                  also_labeled_by_others: bool = False, progress: bool = True) -> int:
+    """Have `labeler` label the comparisons that nobody has labeled or skipped yet (at most `limit`), oldest
+    first: it fills in around the people (and other labelers) of this store, and never adds its own label to
+    a comparison a person already labeled or skipped. The reward model trains on every labeler's labels, so a
+    mock label there would outweigh the person's, and a person's skip says the comparison should not be
+    labeled at all.
+
+    also_labeled_by_others=True: label every comparison `labeler` itself has neither labeled nor skipped,
+    whoever else did (e.g. several mock labelers on the same comparisons, to study their agreement).
+    Labels and skips (choose() returned None) are stored under labeler.labeler_id; returns how many
+    comparisons were handled (labels + skips). progress: show a progress bar with an ETA (tqdm).
+    """
+    from tqdm.auto import tqdm  # here: notebook or terminal bar, whichever this runs in
+
+    todo = set(store.pending(labeler.labeler_id, task=task, kind=kind,
+                             exclude_labeled_by_others=not also_labeled_by_others))
     comparisons = [c for c in store.comparisons(task=task, kind=kind) if c.id in todo][:limit]
     # Commit in chunks: one fsync per chunk instead of per label, and a crash loses at most one chunk
     # of (recomputable) mock labels.
     chunk = 256
-    for start in range(0, len(comparisons), chunk):
-        picks = [(c, labeler.choose(c)) for c in comparisons[start:start + chunk]]
-        store.record_labels([dict(comparison_id=c.id, best=best, labeler=labeler.labeler_id)
-                             for c, best in picks if best is not None])
-        for c, best in picks:  # rare (ties only), so one transaction each is fine
-            if best is None:
-                store.record_skip(c.id, labeler.labeler_id, note="tied top score")
+    with tqdm(total=len(comparisons), desc=f"labeling as {labeler.labeler_id}", unit="comparison",
+              disable=not progress or not comparisons) as bar:
+        for start in range(0, len(comparisons), chunk):
+            picks = []
+            for c in comparisons[start:start + chunk]:
+                picks.append((c, labeler.choose(c)))
+                bar.update()
+            store.record_labels([dict(comparison_id=c.id, best=best, labeler=labeler.labeler_id)
+                                 for c, best in picks if best is not None])
+            for c, best in picks:  # rare (ties only), so one transaction each is fine
+                if best is None:
+                    store.record_skip(c.id, labeler.labeler_id, note="tied top score")
     return len(comparisons)
 
 

@@ -135,6 +135,17 @@ class LabelStoreError(Exception):
     """The label file cannot be used as asked; the message says what is wrong and what to do."""
 
 
+class AlreadyLabeledError(LabelStoreError):
+    """`record_label` / `record_skip` with ``if_pending=True`` refused: the labeler already has a live label or
+    skip on that comparison (made elsewhere, e.g. in another widget of the same store). Nothing was written."""
+
+    def __init__(self, message, comparison_id, labeler, existing):
+        super().__init__(message)
+        self.comparison_id = comparison_id
+        self.labeler = labeler
+        self.existing = existing  # {"type": "label" | "skip", "id": its id}
+
+
 @dataclass(frozen=True)
 class Comparison:
     """A query and k responses shown together to a labeler."""
@@ -334,25 +345,34 @@ class LabelStore:
 
     # ---- labels, skips, undo ----
 
-    def record_label(self, comparison_id, best, labeler, *, permutation=None, shown_at=None, note=None) -> int:
+    def record_label(self, comparison_id, best, labeler, *, permutation=None, shown_at=None, note=None,
+                     if_pending=False) -> int:
         """Store that `labeler` picked response `best` (stored order) of a comparison. The returned id means
-        the label is committed to disk."""
+        the label is committed to disk.
+
+        if_pending=True: store it only if `labeler` has no live label or skip on that comparison yet, checked
+        inside the write transaction (so two views, threads or processes cannot both pass the check); else
+        raise AlreadyLabeledError and write nothing. The default (False) appends a new label whatever is
+        there, and `training_set` then uses the labeler's latest one.
+        """
         item = {"comparison_id": comparison_id, "best": best, "labeler": labeler, "permutation": permutation,
                 "shown_at": shown_at, "note": note}
-        return self._record("labels", [item], batch=False)[0]
+        return self._record("labels", [item], batch=False, if_pending=if_pending)[0]
 
     def record_labels(self, items) -> list[int]:
         """Store many labels in one transaction (all or none); each item is a dict of record_label's arguments.
         For programmatic labelers, where one fsync per label would dominate."""
         return self._record("labels", items, batch=True)
 
-    def record_skip(self, comparison_id, labeler, *, permutation=None, shown_at=None, note=None) -> int:
-        """Store that `labeler` saw a comparison and declined to pick (e.g. all responses equally bad)."""
+    def record_skip(self, comparison_id, labeler, *, permutation=None, shown_at=None, note=None,
+                    if_pending=False) -> int:
+        """Store that `labeler` saw a comparison and declined to pick (e.g. all responses equally bad).
+        if_pending: as for record_label."""
         item = {"comparison_id": comparison_id, "best": None, "labeler": labeler, "permutation": permutation,
                 "shown_at": shown_at, "note": note}
-        return self._record("skips", [item], batch=False)[0]
+        return self._record("skips", [item], batch=False, if_pending=if_pending)[0]
 
-    def _record(self, table, items, batch) -> list[int]:
+    def _record(self, table, items, batch, if_pending=False) -> list[int]:
         """Check every item, then insert them all in one transaction: one bad item refuses the batch, and the
         error names its index."""
         rows = []
@@ -377,6 +397,9 @@ class LabelStore:
                     raise KeyError(f"{where}{e.args[0]}") from None
                 except ValueError as e:
                     raise ValueError(f"{where}{e}") from None
+            if if_pending:
+                for comparison_id, _, _, labeler, *_ in rows:
+                    _refuse_if_done(db, comparison_id, labeler)
             return db.insert_actions(table, rows, now)
 
     def undo(self, labeler) -> dict | None:
@@ -416,16 +439,21 @@ class LabelStore:
 
     # ---- queries ----
 
-    def pending(self, labeler, task=None, kind=None) -> list[int]:
+    def pending(self, labeler, task=None, kind=None, *, exclude_labeled_by_others=False) -> list[int]:
         """Ids of comparisons `labeler` has neither labeled nor skipped (retracted ones count as not done),
-        oldest first."""
-        where, args = _filters(
-            "c.id NOT IN (SELECT comparison_id FROM live_labels WHERE labeler = ?)",
-            "c.id NOT IN (SELECT comparison_id FROM live_skips WHERE labeler = ?)",
-            task=task, kind=kind,
-        )
+        oldest first. exclude_labeled_by_others=True also leaves out every comparison that any other labeler
+        has labeled or skipped (live): what a mock labeler fills in around people (labelers.label_pending)."""
+        if exclude_labeled_by_others:  # nobody's live label or skip, this labeler's included
+            done = ["c.id NOT IN (SELECT comparison_id FROM live_labels)",
+                    "c.id NOT IN (SELECT comparison_id FROM live_skips)"]
+            labelers = ()
+        else:
+            done = ["c.id NOT IN (SELECT comparison_id FROM live_labels WHERE labeler = ?)",
+                    "c.id NOT IN (SELECT comparison_id FROM live_skips WHERE labeler = ?)"]
+            labelers = (labeler, labeler)
+        where, args = _filters(*done, task=task, kind=kind)
         with self._read() as db:
-            rows = db.execute(f"SELECT c.id FROM comparisons c {where} ORDER BY c.id", (labeler, labeler, *args))
+            rows = db.execute(f"SELECT c.id FROM comparisons c {where} ORDER BY c.id", (*labelers, *args))
             return [r[0] for r in rows]
 
     def count_labels(self, task=None, kind=None, labeler=None, since: float | None = None) -> int:
@@ -749,6 +777,23 @@ class _Tx:
                  for i, (cid, _, perm, who, shown, note) in zip(ids, rows)],
             )
         return ids
+
+
+def _refuse_if_done(db, comparison_id, labeler):
+    """Inside a write transaction: raise AlreadyLabeledError if `labeler` has a live label or skip on the comparison."""
+    row = db.execute(
+        """SELECT 'label', id FROM live_labels WHERE comparison_id = ? AND labeler = ?
+           UNION ALL SELECT 'skip', id FROM live_skips WHERE comparison_id = ? AND labeler = ?
+           ORDER BY 2 DESC LIMIT 1""",
+        (comparison_id, labeler, comparison_id, labeler),
+    ).fetchone()
+    if row is not None:
+        kind, action_id = row
+        raise AlreadyLabeledError(
+            f"{labeler!r} already has a live {kind} (id {action_id}) on comparison {comparison_id}: nothing was "
+            "written. To replace it, retract it first (undo, or retract_label), or call without if_pending=True "
+            "to append a newer label.",
+            comparison_id, labeler, {"type": kind, "id": action_id})
 
 
 def _action_row(comparison_id, best, labeler, permutation=None, shown_at=None, note=None, *, is_label) -> tuple:

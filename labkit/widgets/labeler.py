@@ -1,15 +1,20 @@
 """The labeling widget: a human picks the best of k responses, one comparison at a time, into a LabelStore.
 
-    labeler = ComparisonLabeler(store, SENTIMENT, labeler="alice",
-                                refill=lambda: make_comparisons(store, model, tok, SENTIMENT, prompts[:8]))
+    labeler = ComparisonLabeler(store, SENTIMENT, labeler="alice", refill=lambda: make_comparisons(
+                                    store, model, tok, SENTIMENT, prompts[:8], progress=False))
     labeler                   # show it; click a response's button, or click the key area and press 1-4
 
 A thin view over the store: the queue is `store.pending(labeler, task, kind)`, every click is one
-`record_label` (which returns only after the label is committed to disk) and only then does the view move
-on. Each render reads what it shows from the store (the queue, and this session's labels for the progress
-line), and the labeler's name is the one in the name box; the view itself holds only what the store cannot
-know (which comparison is on screen, since when, whether a refill runs). Restart the kernel and the queue
-resumes where it was.
+`record_label(..., if_pending=True)` (which returns only after the label is committed to disk, and refuses a
+comparison this labeler already labeled or skipped in another view) and only then does the view move on.
+Each render reads what it shows from the store (the queue, and the labeler's labels for the progress line),
+and the labeler's name is the one in the name box; the view itself holds only what the store cannot know
+(which comparison is on screen, since when, whether a refill runs). Restart the kernel and the queue resumes
+where it was.
+
+Keys and mouse mix: after a click on one of the widget's buttons the key area takes the focus back (a
+button keeps it otherwise, and JupyterLab then reads '1'-'4' and 'a'/'b' as its own shortcuts), and it keeps
+it as comparisons change, unless the person moved to another cell, widget or text box.
 
 The responses are shown in a random order per comparison, drawn from (seed, comparison id), so that position
 bias does not favour one source and a comparison shows the same way again (after an undo, or after a restart
@@ -29,7 +34,7 @@ import anywidget
 import ipywidgets as widgets
 import traitlets
 
-from labkit.labeling.store import Comparison, LabelStore
+from labkit.labeling.store import AlreadyLabeledError, Comparison, LabelStore
 from labkit.tasks import Task, get_task
 
 LETTERS = string.ascii_uppercase
@@ -37,6 +42,10 @@ LETTERS = string.ascii_uppercase
 # (skip, undo) stay free.
 POSITION_KEYS = {**{str(j + 1): j for j in range(9)}, **{chr(ord("a") + j): j for j in range(9)}}
 SKIP_KEY, UNDO_KEY = "s", "u"
+# Added to the instructions of a task that truncates: make_comparisons stores only responses with a truncation
+# point, but older stores (or require_truncation=False) hold tagged ones, and the labeler must know what to do.
+NO_CUT_POINT_INSTRUCTION = ("A response tagged “no truncation point” scores the fixed penalty in PPO whatever you "
+                            "pick, so judge the others (skip if all are tagged).")
 
 # The labeler's one stylesheet: the view's HTML and widgets only name these classes. Scoping every rule by
 # .labkit-labeler also makes it more specific than ipywidgets' defaults (e.g. the note box's fixed width).
@@ -77,6 +86,40 @@ function render({ model, el }) {
   const hint = () => { box.textContent = model.get("hint"); };
   hint();
   model.on("change:hint", hint);
+
+  // Focus. A clicked button keeps the focus, so the next key would go to JupyterLab ('a' inserts a cell):
+  // a click on a button of this labeler gives the focus back to this area. Python bumps `focus_requests`
+  // after each action and new comparison; the area takes the focus then only if the person was using it
+  // (this area or one of the labeler's buttons had the focus last) and nothing else has it now, so
+  // focus is never taken from another cell, widget or text box the person moved to.
+  const root = () => el.closest(".labkit-labeler") || el;
+  const isOurButton = (t) => t instanceof Element && t.closest("button") !== null && root().contains(t);
+  let wanted = false;
+  const free = () => {
+    const a = document.activeElement;
+    return a === box || a === null || a === document.body || isOurButton(a);
+  };
+  let tries = 0;
+  const take = () => {
+    if (!wanted || !free() || document.activeElement === box) return;
+    // A new comparison (or the area itself, after an empty queue) may reach the page a little after the
+    // request: an area that is not displayed cannot take the focus, so try again for a while.
+    if (box.getClientRects().length === 0) {
+      if (tries++ < 50) setTimeout(take, 20);
+      return;
+    }
+    box.focus({ preventScroll: true });
+  };
+  const request = () => { tries = 0; take(); };
+  const onFocusIn = (e) => { wanted = e.target === box || isOurButton(e.target); };
+  const onClick = (e) => {
+    if (!isOurButton(e.target)) return;
+    wanted = true;
+    setTimeout(request, 0);  // after the button's own click handler has sent the click to Python
+  };
+  document.addEventListener("focusin", onFocusIn, true);
+  document.addEventListener("click", onClick, true);
+  model.on("change:focus_requests", request);
   box.addEventListener("keydown", (e) => {
     // Leave browser shortcuts (Ctrl/Cmd+...), Tab (moving focus away) and Escape alone.
     if (e.ctrlKey || e.metaKey || e.altKey || e.key === "Tab" || e.key === "Escape") return;
@@ -90,6 +133,10 @@ function render({ model, el }) {
     model.save_changes();
   });
   el.appendChild(box);
+  return () => {
+    document.removeEventListener("focusin", onFocusIn, true);
+    document.removeEventListener("click", onClick, true);
+  };
 }
 export default { render };
 """
@@ -106,7 +153,8 @@ class KeyCapture(anywidget.AnyWidget):
     """A focusable area that forwards single key presses to Python as (`key`, `presses`).
 
     Core ipywidgets have no key events. Only presses made while this area has focus arrive, so typing in
-    any other widget (e.g. the note box) never reaches it.
+    any other widget (e.g. the note box) never reaches it. `request_focus()` asks the page to focus the area
+    again, which it does only if the person was using it or a button of the same `.labkit-labeler`.
     """
 
     _esm = _KEYS_ESM
@@ -114,6 +162,11 @@ class KeyCapture(anywidget.AnyWidget):
     hint = traitlets.Unicode("").tag(sync=True)
     key = traitlets.Unicode("").tag(sync=True)
     presses = traitlets.Int(0).tag(sync=True)
+    # A counter, like `presses`: each bump is a change the page sees, however often it is asked.
+    focus_requests = traitlets.Int(0).tag(sync=True)
+
+    def request_focus(self):
+        self.focus_requests += 1
 
 
 class ComparisonLabeler:
@@ -169,9 +222,12 @@ class ComparisonLabeler:
 
     def _build(self, labeler: str):
         self._stylesheet = widgets.HTML(f"<style>{_CSS}</style>", layout=widgets.Layout(display="none"))
+        instructions = self.task.instructions
+        if self.task.truncation is not None:
+            instructions = f"{instructions} {NO_CUT_POINT_INSTRUCTION}"
         header = widgets.HTML(
             f"<div class='labkit-title'>{html.escape(self.task.title)}</div>"
-            f"<div class='labkit-instructions-text'>{html.escape(self.task.instructions)}</div>"
+            f"<div class='labkit-instructions-text'>{html.escape(instructions)}</div>"
         )
         header.add_class("labkit-instructions")
         self._meta = widgets.HTML()
@@ -285,13 +341,17 @@ class ComparisonLabeler:
         self._empty_box.layout.display = None
 
     def _render_progress(self, queued: int):
+        # The store's total, so that a restarted kernel does not read "labeled 0" over labels that are all there;
+        # this session's count beside it, and the rate from it.
+        total = self.store.count_labels(task=self.task.name, kind=self.kind, labeler=self.labeler)
         labeled = self._labeled_this_session()
         rate = "–"
         if labeled:
             minutes = max(time.time() - self._session_start, 1e-9) / 60
             rate = f"{labeled / minutes:.1f}"
         refilling = " · refilling…" if self._refilling else ""
-        self._progress.value = f"labeled {labeled} · queued {queued} · {rate} labels/min{refilling}"
+        self._progress.value = (f"labeled {total} ({labeled} this session) · queued {queued} · {rate} labels/min"
+                                f"{refilling}")
 
     def _labeled_this_session(self) -> int:
         """This labeler's live labels in this queue since the session began: undone ones no longer count."""
@@ -320,6 +380,8 @@ class ComparisonLabeler:
         if self._session_start is None and self.current is not None:
             self._session_start = time.time()  # the session (and its rate) begins with the first comparison shown
         self._render_progress(len(pending))
+        # Keys go on working after a click or a change of comparison (the page decides whether focus is free).
+        self.keys.request_focus()
         # Preload after rendering: the next click then only does a quick queue read and renders.
         after = [i for i in pending[:2] if self.current is None or i != self.current.id]
         if not after:
@@ -366,18 +428,20 @@ class ComparisonLabeler:
                 raise ValueError(f"position must be 0..{c.k - 1} (A..{LETTERS[c.k - 1]}) for comparison #{c.id}, "
                                  f"got {position}")
             order = self.permutation
-            self._act(lambda note: self.store.record_label(
-                c.id, order[position], self.labeler, permutation=order, shown_at=self._shown_at, note=note))
-            self._say(f"saved: {LETTERS[position]} is best in #{c.id}")
+            if self._act(lambda note: self.store.record_label(
+                    c.id, order[position], self.labeler, permutation=order, shown_at=self._shown_at, note=note,
+                    if_pending=True)):
+                self._say(f"saved: {LETTERS[position]} is best in #{c.id}")
             self._refresh(keep_current=False)
 
     def skip(self):
         """Store that the labeler declined to pick (e.g. all responses equally bad); same as the Skip button."""
         with self._lock:
             c = self._require_current("skip")
-            self._act(lambda note: self.store.record_skip(
-                c.id, self.labeler, permutation=self.permutation, shown_at=self._shown_at, note=note))
-            self._say(f"skipped #{c.id}")
+            if self._act(lambda note: self.store.record_skip(
+                    c.id, self.labeler, permutation=self.permutation, shown_at=self._shown_at, note=note,
+                    if_pending=True)):
+                self._say(f"skipped #{c.id}")
             self._refresh(keep_current=False)
 
     def undo(self):
@@ -410,15 +474,26 @@ class ComparisonLabeler:
                                f"{self.task.name!r} is empty); add comparisons or call refill")
         return self.current
 
-    def _act(self, write):
-        """Run one store write with the note; the view advances only after it returned (= committed)."""
+    def _act(self, write) -> bool:
+        """Run one store write with the note; the view advances only after it returned (= committed). False:
+        the store refused it because the comparison is no longer pending for this labeler."""
         try:
             write(self.note.value.strip() or None)
+        except AlreadyLabeledError as e:
+            # Another view of this store (a second widget for this labeler, e.g. a cell run twice, another
+            # notebook or kernel) labeled or skipped it since it was shown here. A second pick would give one
+            # person two live labels on one comparison, so nothing is written; the note stays for the next one.
+            done = "labeled" if e.existing["type"] == "label" else "skipped"
+            self._say(f"not saved: #{e.comparison_id} was already {done} in another view (that {e.existing['type']} "
+                      f"is kept; Undo retracts your latest label or skip, wherever it was made). Showing your next "
+                      "pending comparison.", error=True)
+            return False
         except Exception as e:
             # Shown in the widget: an exception in a button callback only reaches JupyterLab's log console.
             self._say(f"NOT saved: {type(e).__name__}: {e}", error=True)
             raise
         self.note.value = ""
+        return True
 
     # ---- inputs ----
 

@@ -13,7 +13,7 @@ What the paper measured (Ziegler et al. 2019, section 4.2 and appendix):
   time on sentiment), which we report with a Wilson score interval.
 
 Everything here is a pure function of strings and numbers; no torch. plotly is imported only by
-`frontier_figure`.
+`frontier_figure`; tqdm only by `rouge`, for its progress bar.
 """
 
 import html
@@ -45,7 +45,7 @@ def lead_k(text: str, k: int = 3) -> str:
     return "\n".join(split_sentences(text)[:k])
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict:
+def rouge(predictions: list[str], references: list[str], progress: bool = True) -> dict:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (x 100) of predictions against references, and their mean.
 
     Returns {"rouge1", "rouge2", "rougeL", "rouge_avg"}; "rouge_avg" is the paper's "ROUGE average".
@@ -53,6 +53,9 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
     both texts are put one sentence per line (`split_sentences`) and the LCS is taken per reference line
     against the union of prediction lines, so multi-sentence summaries are not penalised for sentence
     order. Newlines do not affect ROUGE-1/2.
+
+    progress: a bar with the time left (tqdm) for a scoring that takes more than two seconds (thousands of
+    pairs, or long ones); a quick one prints nothing.
     """
     if len(predictions) != len(references):
         raise ValueError(
@@ -61,10 +64,14 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
     if not predictions:
         raise ValueError("rouge needs at least one (prediction, reference) pair")
     from rouge_score import rouge_scorer
+    from tqdm.auto import tqdm
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for prediction, reference in zip(predictions, references):
+    # delay: the bar appears only once the scoring has run that long, so a table of a few summaries stays quiet
+    pairs = tqdm(zip(predictions, references), total=len(predictions), desc="ROUGE", unit="pair", delay=2.0,
+                 disable=not progress)
+    for prediction, reference in pairs:
         scores = scorer.score("\n".join(split_sentences(reference)), "\n".join(split_sentences(prediction)))
         totals["rouge1"] += scores["rouge1"].fmeasure
         totals["rouge2"] += scores["rouge2"].fmeasure
@@ -297,16 +304,29 @@ def comparison_table(rows: list[dict]) -> str:
     """An HTML table of rows side by side, e.g. {"query", "before", "after"} samples, for a notebook.
 
     Columns are the keys of all rows in first-seen order (a missing value is an empty cell). Every value
-    is converted with str() and HTML-escaped; newlines are kept (white-space: pre-wrap). Show it with
+    is converted with str() and HTML-escaped; newlines are kept (white-space: pre-wrap). A value that is
+    an empty or blank string (an empty response) shows as "(empty)", so that it is not mistaken for a
+    missing value or a display glitch. Headers are left-aligned, over left-aligned cells. Show it with
     IPython.display.HTML.
     """
     if not rows:
         raise ValueError("comparison_table needs at least one row")
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    cell = '<td style="white-space: pre-wrap; text-align: left; vertical-align: top">{}</td>'
-    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    align = "text-align: left; vertical-align: top"  # headers too: browsers centre <th>, JupyterLab right-aligns it
+    cell = f'<td style="white-space: pre-wrap; {align}">{{}}</td>'
+    header = "".join(f'<th style="{align}">{html.escape(str(column))}</th>' for column in columns)
     body = "".join(
-        "<tr>" + "".join(cell.format(html.escape(str(row.get(column, "")))) for column in columns) + "</tr>"
+        "<tr>" + "".join(cell.format(_cell_text(row, column)) for column in columns) + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+
+
+EMPTY = "(empty)"
+
+
+def _cell_text(row: dict, column) -> str:
+    if column not in row:
+        return ""
+    text = str(row[column])
+    return EMPTY if isinstance(row[column], str) and not text.strip() else html.escape(text)

@@ -10,7 +10,7 @@ import ipywidgets as widgets
 import pytest
 
 from labkit.widgets import Dashboard
-from labkit.widgets.dashboard import MAX_QUERY_CHARS, PPO_PANELS
+from labkit.widgets.dashboard import MARKERS_UP_TO, MAX_QUERY_CHARS, PPO_PANELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,33 @@ def test_reward_model_layout():
     assert list(trace(dash, "chance").y) == [0.25, 0.25]
     assert not any(t.name == "KL" for t in dash.figure.data)
     assert "held-out acc 0.39" in dash._status.value
+
+
+def test_a_single_point_is_drawn_as_a_marker_and_long_series_as_lines():
+    dash = Dashboard(kl_target=6.0, max_fps=1e9)
+    dash.log(ppo_metrics(1))  # a line through one point draws nothing: the first update must be visible
+    assert "markers" in trace(dash, "score").mode and "markers" in trace(dash, "KL target").mode
+    for step in range(2, MARKERS_UP_TO + 2):
+        dash.log(ppo_metrics(step))
+    assert trace(dash, "score").mode == "lines" and len(trace(dash, "score").y) == MARKERS_UP_TO + 1
+
+
+def test_loaded_history_is_shown_and_an_empty_one_does_not_wait_forever():
+    dash = Dashboard("reward model", max_fps=1e9)
+    dash.load_history([{"step": 1, "rm/loss": 1.3, "rm/heldout_accuracy": 0.5, "rm/chance_accuracy": 0.25}])
+    assert "step 1" in dash._status.value and list(trace(dash, "held-out accuracy").y) == [0.5]
+    assert "markers" in trace(dash, "held-out accuracy").mode
+
+    empty = Dashboard("reward model")  # e.g. a reward model saved before its metrics were kept
+    empty.load_history([])
+    assert "waiting" not in empty._status.value and "no saved metrics" in empty._status.value
+    assert "waiting for the first update" in Dashboard()._status.value
+
+
+def test_an_empty_response_is_marked_in_the_samples_table():
+    dash = Dashboard(max_fps=1e9)
+    dash.log(ppo_metrics(0), [{"query": "q", "response": "", "score": 0.1}, {"query": "", "response": "r"}])
+    assert dash._table.value.count("(empty)") == 1  # only the response: an empty query is not a sample's fault
 
 
 def test_samples_table_escapes_and_keeps_the_end_of_long_queries():

@@ -1,6 +1,7 @@
 """Evaluation helpers against hand-computed values: ROUGE, lead-3, copy statistics, Wilson intervals."""
 
 import math
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -275,7 +276,21 @@ def test_comparison_table_escapes_html():
     table = comparison_table([{"query": "<b>hi</b>", "before": "a & b"}, {"query": "q2", "after": '"x"'}])
     assert "<b>hi</b>" not in table
     assert "&lt;b&gt;hi&lt;/b&gt;" in table and "a &amp; b" in table and "&quot;x&quot;" in table
-    assert table.count("<th>") == 3 and table.count("<tr>") == 3
-    assert table.index("<th>query</th>") < table.index("<th>before</th>") < table.index("<th>after</th>")
+    assert table.count("<th ") == 3 and table.count("<tr>") == 3
+    assert table.index(">query</th>") < table.index(">before</th>") < table.index(">after</th>")
     with pytest.raises(ValueError, match="at least one row"):
         comparison_table([])
+
+
+def test_comparison_table_aligns_headers_left_and_marks_empty_values():
+    table = comparison_table([{"query": "q", "response": "", "score": 0.5}, {"query": "q2", "response": "  \n"},
+                              {"query": "q3"}])
+    headers = re.findall(r"<th(?:\s[^>]*)?>", table)  # not <thead>
+    assert len(headers) == 3 and all("text-align: left" in h for h in headers)  # over left-aligned cells
+    assert table.count("(empty)") == 2  # an empty or blank response, not a missing one: that stays blank
+    assert table.count("></td>") == 3  # the missing scores of q2 and q3, and q3's missing response
+
+
+def test_rouge_progress_is_quiet_for_a_quick_scoring(capsys):
+    assert rouge([SOURCE] * 3, [SOURCE] * 3) == rouge([SOURCE] * 3, [SOURCE] * 3, progress=False)
+    assert capsys.readouterr().err == ""  # the bar appears only after 2 s of scoring

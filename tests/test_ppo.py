@@ -219,6 +219,54 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert not list((tmp_path / "run").glob("*.pt"))
 
 
+def test_a_resumed_trainers_dashboard_shows_the_runs_earlier_updates(tmp_path):
+    from labkit.widgets import Dashboard
+
+    def make():
+        model, tok = peaky_tiny()
+        return PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS,
+                          config(batch_size=4, total_updates=5), run_dir=tmp_path / "run", verbose=False)
+
+    make().train(2, progress=False)
+    resumed = make()  # a new kernel: the notebook builds a fresh dashboard
+    dash = Dashboard(max_fps=1e9)
+    resumed.train(1, dashboard=dash, progress=False)
+    assert [m["step"] for m in dash.history] == [1, 2, 3]  # not just the update run after the resume
+    assert list(dash.figure.data[0].x) == [1, 2, 3]
+    resumed.train(1, dashboard=dash, progress=False)  # rerunning the cell continues the same curves
+    assert [m["step"] for m in dash.history] == [1, 2, 3, 4]
+
+
+def test_lora_construction_hides_only_peft_s_deprecation_warning():
+    import warnings
+
+    model, tok = peaky_tiny()
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS, config(lora_r=4))
+        warnings.warn("`is_gradient_checkpointing` is deprecated (elsewhere)", FutureWarning)
+    messages = [str(w.message) for w in caught]
+    assert messages == ["`is_gradient_checkpointing` is deprecated (elsewhere)"], messages  # outside: still shown
+    assert warnings.filters == filters
+
+
+def test_training_shows_a_bar_with_the_time_left_in_the_main_thread_only(capsys):
+    model, tok = peaky_tiny()
+    trainer = PPOTrainer(model, tok, task(), lambda q, r: [0.0] * len(r), PROMPTS, config(batch_size=4))
+    trainer.train(2)
+    err = capsys.readouterr().err
+    assert "PPO updates" in err and "2/2" in err and "<" in err  # "elapsed<remaining"
+    thread = trainer.train_in_background(1)
+    thread.join(60)
+    import threading
+
+    worker = threading.Thread(target=trainer.train, args=(1,))  # progress left on: a thread still draws nothing
+    worker.start()
+    worker.join(60)
+    assert trainer.step_count == 4 and capsys.readouterr().err == ""
+
+
 def test_an_interrupt_during_rollouts_leaves_the_trainer_consistent(monkeypatch):
     model, tok = peaky_tiny()
     trainer = PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS, config())

@@ -180,3 +180,64 @@ def test_a_non_finite_gradient_stops_training_before_the_step_is_applied(tiny):
         trainer.fit(examples, progress=False)
     assert trainer.step == 0 and trainer.history == []
     assert all(torch.equal(p, before[n]) or torch.isnan(before[n]).any() for n, p in rm.named_parameters())
+
+
+def _happy_examples(n):
+    words = ["table", "window", "river", "stone"]
+    examples = []
+    for i in range(n):
+        resp = [f" the {words[(i + j) % 4]}" for j in range(4)]
+        resp[i % 4] = " happy happy"
+        examples.append(KWayExample(f"Query {i}.", resp, i % 4))
+    return examples
+
+
+def test_save_keeps_the_training_metrics_and_load_shows_them(tiny, tmp_path):
+    """A notebook that loads the reward model instead of training it can still show its curves and results."""
+    from labkit.widgets import Dashboard
+
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    trainer = RewardTrainer(rm, RewardConfig(lr=1e-3, batch_size=4, heldout_fraction=0.25, eval_every=2))
+    run = trainer.fit(_happy_examples(12), progress=False)
+    assert rm.history == run and rm.trained_on == {"comparisons": 9, "heldout": 3}
+    rm.save(tmp_path / "rm")
+
+    loaded = RewardModel.load(tmp_path / "rm", device="cpu")
+    assert loaded.history == run and loaded.trained_on == rm.trained_on
+    summary = loaded.training_summary()
+    accuracy = run[-1]["rm/heldout_accuracy"]
+    assert summary.startswith("trained on 9 comparisons (3 held out) in 3 steps")
+    assert f"held-out accuracy {accuracy:.2f} (chance 0.25)" in summary
+    dash = Dashboard("reward model", max_fps=1e9)
+    dash.load_history(loaded.history)
+    assert "waiting" not in dash._status.value and f"held-out acc {accuracy:.3g}" in dash._status.value
+    assert Dashboard.from_jsonl(tmp_path / "rm" / "metrics.jsonl").history == run  # the CLI's way to watch it
+
+    # a model saved untrained over it leaves no stale curves; a folder without metrics loads with none
+    reward_model_from_lm(model, tok).save(tmp_path / "rm")
+    assert not (tmp_path / "rm" / "metrics.jsonl").exists()
+    bare = RewardModel.load(tmp_path / "rm", device="cpu")
+    assert bare.history == [] and bare.trained_on is None and "no training metrics" in bare.training_summary()
+
+
+def test_damaged_metrics_cost_only_the_curves(tiny, tmp_path):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    rm.save(tmp_path / "rm")
+    (tmp_path / "rm" / "metrics.jsonl").write_text('{"step": 1, "rm/lo')
+    with pytest.warns(UserWarning, match="without its training metrics"):
+        loaded = RewardModel.load(tmp_path / "rm", device="cpu")
+    assert loaded.history == []
+
+
+def test_normalize_and_fit_show_progress_with_the_time_left(tiny, capsys):
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok)
+    task = SENTIMENT.with_(response_length=4)
+    rm.normalize(model, task, ["A prompt."], n_samples=8, batch_size=4)
+    err = capsys.readouterr().err
+    assert "normalizing r on rho's samples" in err and "8/8" in err and "<" in err  # "elapsed<remaining"
+    rm.normalize(model, task, ["A prompt."], n_samples=8, batch_size=4, progress=False)
+    RewardTrainer(rm, RewardConfig(batch_size=4, heldout_fraction=0.0)).fit(_happy_examples(4), progress=False)
+    assert capsys.readouterr().err == ""

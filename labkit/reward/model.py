@@ -16,14 +16,18 @@ Following the released code of Ziegler et al. (2019), rewards.py RewardModelTrai
   Departure: the released code also TRAINS gain and bias between the two normalisations (they are in
   RewardModelTrainer.get_params); labkit keeps them fixed while training. The second normalisation rescales
   either way, so this changes only the training dynamics of one scalar (its effective learning rate).
-Saved without pickle: safetensors for weights, JSON for the config.
+Saved without pickle: safetensors for weights, JSON for the config, and the training's metrics as
+metrics.jsonl (`history`), so that a notebook that loads the model can still show how it trained.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,6 +89,10 @@ class RewardModel(nn.Module):
         # The token ids of that task's query prefix and suffix, which r does not read (`reward_query`); saved, and
         # checked by `check_fits` (a task with another format would hand r queries it was never trained on).
         self.query_format: dict | None = None
+        # What trained it, kept with it (`save`, `load`, `training_summary`): the metrics of every training step
+        # (`RewardTrainer.fit` appends them) and the counts of the latest fit's comparisons.
+        self.history: list[dict] = []
+        self.trained_on: dict | None = None  # {"comparisons": trained on, "heldout": held out}
 
     @property
     def device(self):
@@ -205,7 +213,7 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def normalize(self, rho, task: Task, prompts: list[str], n_samples: int = 256, seed: int = 0, batch_size: int = 16,
-                  truncated: bool = False) -> dict:
+                  truncated: bool = False, progress: bool = True) -> dict:
         """Set gain/bias so that r ~ N(0, 1) on responses sampled from rho (the frozen base model).
 
         As released (train_reward.py RewardModelTrainer.normalize / sample_policy_responses): `n_samples` requested
@@ -217,8 +225,11 @@ class RewardModel(nn.Module):
         Chunk c of `batch_size` samples is drawn with seed + c, and under N processes chunks are shared out
         round-robin and the statistics taken over all of them: the result does not depend on N.
         Also records the task (and its query format) this reward model is for. Returns the raw head's mean and
-        std before the change, and the number of samples.
+        std before the change, and the number of samples. `progress`: a bar over the samples with the time left
+        (sampling rho takes minutes on a CPU), on the main process of the main thread only.
         """
+        from tqdm.auto import tqdm
+
         n_chunks = math.ceil(n_samples / batch_size)
         rng = random.Random(seed)
         texts = [prompts[rng.randrange(len(prompts))] for _ in range(n_chunks * batch_size)]
@@ -226,6 +237,10 @@ class RewardModel(nn.Module):
         self.query_format = query_format_ids(task, self.tokenizer)  # r reads queries without them, as in training
         raws = [torch.zeros(0, device=self.device)]
         mine = list(range(distributed.rank(), n_chunks, distributed.world_size()))  # chunk ids
+        # a notebook bar drawn from a background thread (the online loop's refits) lands in whichever cell runs
+        shown = progress and distributed.is_main() and threading.current_thread() is threading.main_thread()
+        bar = tqdm(total=len(mine) * batch_size, desc="normalizing r on rho's samples", unit="sample",
+                   disable=not shown)
         for j in range(distributed.max_over_processes(len(mine))):
             # a process with fewer chunks samples a stand-in one and drops it: sharded models need every process
             c = mine[j] if j < len(mine) else 0
@@ -240,6 +255,8 @@ class RewardModel(nn.Module):
             raw = self.raw(q_ids, q_len, r_ids.to(self.device), r_len.to(self.device))
             if j < len(mine):
                 raws.append(raw)
+                bar.update(batch_size)
+        bar.close()
         mean, std = distributed.global_mean_std(torch.cat(raws))  # population std over every process's samples
         std = std.clamp(min=1e-6)
         self.gain.fill_(1 / std)
@@ -267,7 +284,9 @@ class RewardModel(nn.Module):
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "reward_config.json").write_text(json.dumps({
             "format": "labkit-reward-model", "version": _VERSION, "gain": self.gain.item(), "bias": self.bias.item(),
-            "task": self.task_name, "query_format": self.query_format, "tokenizer": tokenizer_fingerprint(self.tokenizer)}))
+            "task": self.task_name, "query_format": self.query_format, "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "trained_on": self.trained_on}))
+        _write_metrics(folder / METRICS_FILE, self.history)
         return folder
 
     def check_fits(self, task: Task, tokenizer, policy) -> None:
@@ -317,6 +336,8 @@ class RewardModel(nn.Module):
         _setup_tokenizer(tokenizer)
         rm = cls(lm, tokenizer)
         rm.task_name = saved.get("task")  # None for a version-1 file: its task was not recorded
+        rm.trained_on = saved.get("trained_on")  # None when saved before labkit recorded it
+        rm.history = _read_metrics(folder / METRICS_FILE)
         rm.query_format = saved.get("query_format")  # None before version 3: queries were read whole
         saved_tokenizer = saved.get("tokenizer")
         if saved_tokenizer is not None and saved_tokenizer != tokenizer_fingerprint(tokenizer):
@@ -328,6 +349,57 @@ class RewardModel(nn.Module):
         rm.bias.data = rm.bias.float()
         rm.eval()
         return rm
+
+    def training_summary(self) -> str:
+        """One line on how this reward model was trained, from what was saved with it: e.g. "trained on 57
+        comparisons (6 held out) in 8 steps: held-out accuracy 0.67 (chance 0.25)"."""
+        if not self.history:
+            return "no training metrics were kept with it (saved before labkit kept them, or never trained)"
+        counts = self.trained_on or {}
+        text = "trained"
+        if counts.get("comparisons") is not None:
+            text += f" on {counts['comparisons']} comparisons"
+            if counts.get("heldout"):
+                text += f" ({counts['heldout']} held out)"
+        text += f" in {len(self.history)} step{'s' if len(self.history) != 1 else ''}"
+        evaluated = [m for m in self.history if m.get("rm/heldout_accuracy") is not None]
+        if evaluated:
+            last = evaluated[-1]
+            text += f": held-out accuracy {last['rm/heldout_accuracy']:.2f}"
+            if last.get("rm/chance_accuracy") is not None:
+                text += f" (chance {last['rm/chance_accuracy']:.2f})"
+        else:
+            text += f": final training loss {self.history[-1].get('rm/loss', math.nan):.3g} (no held-out comparisons)"
+        return text
+
+
+METRICS_FILE = "metrics.jsonl"
+"""The training metrics saved beside a reward model, one JSON dict per line (what `Dashboard.from_jsonl` reads)."""
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    """`history` as JSON lines, replacing the file atomically; no history removes a stale file (a folder
+    reused for a model trained elsewhere must not show the old model's curves)."""
+    if not history:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The metrics saved with a reward model; [] if there are none. A damaged file costs only the curves (with
+    a warning): the weights load all the same."""
+    if not path.exists():
+        return []
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as err:
+        warnings.warn(f"{path} is not JSON lines ({err}): the reward model loads without its training metrics.",
+                      stacklevel=3)
+        return []
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def reward_model_from_lm(lm, tokenizer, seed: int | None = None) -> RewardModel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -259,7 +260,10 @@ class RewardTrainer:
         return loss_sum, n_correct
 
     def fit(self, examples: list[KWayExample], dashboard=None, progress: bool = True) -> list[dict]:
-        """Train on `examples` for `config.epochs` epochs; returns this run's metrics (also in .history)."""
+        """Train on `examples` for `config.epochs` epochs; returns this run's metrics (also in .history, and in the
+        reward model's `history`, which `RewardModel.save` keeps beside the weights).
+
+        progress: a bar over the steps with the time left (tqdm), on the main process of the main thread only."""
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -274,7 +278,10 @@ class RewardTrainer:
         opt = make_optimizer(params, cfg.lr, cfg.optimizer)
         sched = linear_decay_scheduler(opt, total)
         run = []
-        bar = tqdm(total=total, desc="reward model", disable=not progress)
+        self.rm.trained_on = {"comparisons": len(train), "heldout": len(held)}
+        # a notebook bar drawn from a background thread (the online loop's refits) lands in whichever cell runs
+        shown = progress and distributed.is_main() and threading.current_thread() is threading.main_thread()
+        bar = tqdm(total=total, desc="reward model", unit="step", disable=not shown)
         try:
             for epoch in range(cfg.epochs):
                 batches = batches_by_k(train, cfg.batch_size, rng)
@@ -293,6 +300,7 @@ class RewardTrainer:
                         m.update(self.evaluate(held))
                     run.append(m)
                     self.history.append(m)
+                    self.rm.history.append(m)
                     if dashboard is not None:
                         dashboard.log(m)
                     bar.update(1)

@@ -31,6 +31,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -149,7 +150,14 @@ class PPOTrainer:
 
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                               bias="none")
-            self.policy = get_peft_model(policy, lora)
+            with warnings.catch_warnings():
+                # peft's PeftModel reads `model.is_gradient_checkpointing`, which transformers 5 renamed and
+                # warns about (FutureWarning: "`is_gradient_checkpointing` is deprecated ... v6"). Harmless: the
+                # old name still returns the new property's value, and labkit never uses it; the red text in
+                # every PPO cell only alarms. Only that one message is silenced, only around this call.
+                warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                self.policy = get_peft_model(policy, lora)
             self.rho = None
         else:
             self.policy = policy
@@ -566,12 +574,20 @@ class PPOTrainer:
     # training loops
 
     def train(self, n_updates: int, dashboard=None, progress: bool = True) -> list[dict]:
-        """Run `n_updates` updates (stops early after the current update if `stop()` is called)."""
+        """Run `n_updates` updates (stops early after the current update if `stop()` is called); returns their
+        metrics (also appended to .history).
+
+        dashboard: gets each update's metrics and samples. One that has shown nothing yet first gets this
+        trainer's earlier updates (a run resumed from its run_dir at update 5 shows updates 1-5, then goes on).
+        progress: a bar over the updates with the time left (tqdm), on the main process of the main thread only.
+        """
         from tqdm.auto import tqdm
 
         self._stop.clear()
         out = []
-        bar = tqdm(total=n_updates, desc="PPO", disable=not progress)
+        if dashboard is not None and self.history and hasattr(dashboard, "load_history") and not dashboard.history:
+            dashboard.load_history(self.history)
+        bar = tqdm(total=n_updates, desc="PPO updates", unit="update", disable=not _show_progress(progress))
         try:
             for _ in range(n_updates):
                 m = self.step()
@@ -638,6 +654,12 @@ class PPOTrainer:
         """Restore a checkpoint written by `save` into this trainer (built with the same models)."""
         checkpoint.load(self, folder)
         self._checkpointed = (self.step_count, Path(folder))
+
+
+def _show_progress(progress: bool) -> bool:
+    """Whether to draw a progress bar: asked for, on the main process, and in the main thread (a notebook bar
+    drawn from a background thread lands in whichever cell happens to be running)."""
+    return progress and distributed.is_main() and threading.current_thread() is threading.main_thread()
 
 
 def _clock(device: torch.device) -> float:

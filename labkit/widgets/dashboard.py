@@ -40,6 +40,11 @@ REFERENCE_KEYS = {"objective/kl_target", "rm/chance_loss", "rm/chance_accuracy"}
 
 MAX_QUERY_CHARS = 160  # longer queries are cut from the front: the response continues the query's end
 ROW_HEIGHT_PX = 260
+# A trace with at most this many points also draws a marker at each: a line through one point draws nothing
+# (the first update, a held-out metric logged once), and isolated points between NaN gaps would vanish too.
+# Longer series are lines only, where markers would merge into a thick band.
+MARKERS_UP_TO = 40
+EMPTY = "(empty)"  # shown for an empty response: an empty cell looks like a rendering bug
 
 # The dashboard's one stylesheet; its HTML only names these classes.
 _CSS = """
@@ -74,6 +79,7 @@ class Dashboard:
         self._samples: list[dict] = []
         self._last_redraw = -math.inf
         self._trace_keys: list[str] = []  # metric key of each trace in figure.data, in order
+        self._loaded = False  # history came from `load_history` (a saved run), not from a trainer's `log`
 
         self._stylesheet = widgets.HTML(f"<style>{_CSS}</style>", layout=widgets.Layout(display="none"))
         self._status = widgets.HTML()
@@ -106,9 +112,11 @@ class Dashboard:
             self._redraw()
 
     def load_history(self, history: list[dict]) -> None:
-        """Replace the history (e.g. from a checkpoint or a metrics .jsonl file) and redraw."""
+        """Replace the history (e.g. a resumed trainer's `history`, a loaded reward model's, or a metrics .jsonl
+        file's) and redraw. Logging continues after it."""
         with self._lock:
             self.history = list(history)
+            self._loaded = True
             self._redraw()
 
     @classmethod
@@ -153,7 +161,11 @@ class Dashboard:
         if self._trace_keys:
             with self.figure.batch_update():  # one message to the browser per redraw, not one per trace
                 for trace, key in zip(self.figure.data, self._trace_keys):
-                    trace.x, trace.y = self._series(key)
+                    xs, ys = self._series(key)
+                    trace.x, trace.y = xs, ys
+                    mode = "lines+markers" if len(xs) <= MARKERS_UP_TO else "lines"
+                    if trace.mode != mode:  # only a change is sent to the browser
+                        trace.mode = mode
         self._status.value = self._status_html()
         self._table.value = samples_table_html(self._samples)
 
@@ -165,8 +177,11 @@ class Dashboard:
         traces, positions = [], []
         for i, (_, panel_traces) in enumerate(panels):
             for key, name in panel_traces:
-                line = dict(dash="dash", color="grey", width=1) if key in REFERENCE_KEYS else dict(width=2)
-                traces.append(go.Scatter(x=[], y=[], name=name, mode="lines", line=line))
+                if key in REFERENCE_KEYS:
+                    line, marker = dict(dash="dash", color="grey", width=1), dict(color="grey", size=4)
+                else:
+                    line, marker = dict(width=2), dict(size=6)
+                traces.append(go.Scatter(x=[], y=[], name=name, mode="lines+markers", line=line, marker=marker))
                 positions.append((i // cols + 1, i % cols + 1))
                 self._trace_keys.append(key)
         with self.figure.batch_update():  # layout edits as one message
@@ -208,7 +223,8 @@ class Dashboard:
     def _status_html(self) -> str:
         head = f"<b>{html.escape(self.title)}</b>"
         if not self.history:
-            return f"{head} · waiting for the first update"
+            # a saved run with no metrics (a reward model saved before labkit kept them) never gets an update
+            return f"{head} · " + ("no saved metrics to show" if self._loaded else "waiting for the first update")
         parts = [head, f"step {self.history[-1].get('step', len(self.history) - 1)}"]
         if self._trace_keys and self._trace_keys[0].startswith("rm/"):
             named = (("loss", "rm/loss"), ("held-out loss", "rm/heldout_loss"),
@@ -244,6 +260,8 @@ def _cell_text(column: str, value) -> str:
     if isinstance(value, float):
         return _fmt(value)
     text = str(value)
+    if column == "response" and not text.strip():
+        return EMPTY
     if column == "query" and len(text) > MAX_QUERY_CHARS:
         text = "…" + text[-(MAX_QUERY_CHARS - 1):]
     return html.escape(text)

@@ -190,22 +190,6 @@ def collect_labels(args, store, rho, tok, task, prompts, labeler):
 # phase 2: reward model
 
 
-def freeze_lower_layers(rm, n_train: int) -> int:
-    """Train only the top `n_train` layers, the final norm and the head (-1: everything). Returns #trainable."""
-    from labkit.sampling import unwrap
-
-    base = unwrap(rm.lm)
-    trunk = getattr(base, base.base_model_prefix)
-    layers = trunk.layers
-    rm.lm.requires_grad_(n_train < 0)  # the copy of rho comes frozen: -1 must switch every layer back on
-    if n_train >= 0:
-        for layer in list(layers)[len(layers) - n_train :] if n_train else []:
-            layer.requires_grad_(True)
-        trunk.norm.requires_grad_(True)
-    rm.head.requires_grad_(True)
-    return sum(p.numel() for p in rm.parameters() if p.requires_grad)
-
-
 def rm_settings(args) -> dict:
     return {k: getattr(args, k) for k in ("n_labels", "rm_batch", "rm_lr", "rm_epochs", "rm_train_layers",
                                           "heldout_fraction", "norm_samples", "labeler_temperature", "keep_ties", "seed", "model")}
@@ -226,7 +210,8 @@ def train_reward_model(args, out, rho, tok, task, prompts, examples):
 
     texts = [p.text for p in prompts]
     rm = reward_model_from_lm(rho, tok)
-    n_trainable = freeze_lower_layers(rm, args.rm_train_layers)
+    train_layers = None if args.rm_train_layers < 0 else args.rm_train_layers  # RewardConfig's None: every layer
+    n_trainable = rm.train_top_layers(train_layers)  # here for the count; fit applies the config's train_layers
     log(f"reward: {n_trainable / 1e6:.1f}M trainable parameters (top {args.rm_train_layers} layers + head)")
     t0 = time.time()
     before = rm.normalize(rho, task, texts, n_samples=args.norm_samples, seed=args.seed + 11, batch_size=args.sample_batch)
@@ -234,7 +219,7 @@ def train_reward_model(args, out, rho, tok, task, prompts, examples):
     # the task's recipe (labkit.recipes) with this script's budget choices (module docstring) over it
     cfg = recipe_for(task).reward_config(lr=args.rm_lr, batch_size=args.rm_batch, epochs=args.rm_epochs,
                                          heldout_fraction=args.heldout_fraction, eval_every=10**9,  # once, at the end
-                                         normalize_samples=args.norm_samples, seed=args.seed)
+                                         normalize_samples=args.norm_samples, seed=args.seed, train_layers=train_layers)
     trainer = RewardTrainer(rm, cfg)
     t0 = time.time()
     history = _fit_with_progress(trainer, examples)

@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import mock_sentiment  # noqa: E402  (freeze_lower_layers: the same partial freezing as the mock run)
 
 KEYS = {"lr": float, "epochs": int, "layers": int, "batch": int}
 
@@ -84,10 +81,10 @@ def main(argv=None):
             t0 = time.time()
             torch.manual_seed(seed)  # the head's init
             rm = reward_model_from_lm(rho, tok)
-            mock_sentiment.freeze_lower_layers(rm, setting["layers"])
             rm.normalize(rho, SENTIMENT, prompts, n_samples=64, seed=seed + 11, batch_size=32)
             cfg = RewardConfig(lr=setting["lr"], batch_size=setting["batch"], epochs=setting["epochs"],
-                               heldout_fraction=0.1, eval_every=10**9, seed=seed)
+                               heldout_fraction=0.1, eval_every=10**9, seed=seed,
+                               train_layers=None if setting["layers"] < 0 else setting["layers"])
             history = RewardTrainer(rm, cfg).fit(examples, progress=False)
             losses = [m["rm/loss"] for m in history]
             record = {"setting": name, "seed": seed, "n_labels": len(examples),

@@ -241,3 +241,48 @@ def test_normalize_and_fit_show_progress_with_the_time_left(tiny, capsys):
     rm.normalize(model, task, ["A prompt."], n_samples=8, batch_size=4, progress=False)
     RewardTrainer(rm, RewardConfig(batch_size=4, heldout_fraction=0.0)).fit(_happy_examples(4), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def _tiny_gpt2(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from labkit.models import prepare_lm
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=128,
+                        pad_token_id=tok.pad_token_id)
+    return prepare_lm(GPT2LMHeadModel(config), tok)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_train_layers_trains_only_the_top_blocks_the_final_norm_and_the_head(tiny, family):
+    model, tok = tiny
+    lm = model if family == "llama" else _tiny_gpt2(tok)
+    blocks, norm = ("model.layers", "model.norm") if family == "llama" else ("transformer.h", "transformer.ln_f")
+    n_blocks = lm.config.num_hidden_layers if family == "llama" else lm.config.n_layer
+    top = f"{blocks}.{n_blocks - 1}."
+    rm = reward_model_from_lm(lm, tok)
+    before = {n: p.detach().clone() for n, p in rm.named_parameters()}
+    RewardTrainer(rm, RewardConfig(lr=1e-2, batch_size=4, heldout_fraction=0.0, train_layers=1)).fit(
+        _happy_examples(8), progress=False)
+    changed = {n for n, p in rm.named_parameters() if not torch.equal(p, before[n])}
+    assert "head.weight" in changed
+    assert any(n.startswith(f"lm.{top}") for n in changed) and any(n.startswith(f"lm.{norm}.") for n in changed)
+    # lower blocks and embeddings kept rho's weights, and had no gradient computed at all
+    assert all(n.startswith((f"lm.{top}", f"lm.{norm}.", "head.")) for n in changed), sorted(changed)
+    assert all(p.grad is None for n, p in rm.named_parameters() if n.startswith(f"lm.{blocks}.0."))
+
+    # None (the default, as released) trains every block again, also after a partial fit
+    RewardTrainer(rm, RewardConfig(lr=1e-2, batch_size=4, heldout_fraction=0.0)).fit(_happy_examples(8), progress=False)
+    assert all(not torch.equal(p, before[n]) for n, p in rm.named_parameters() if n.startswith(f"lm.{blocks}.0."))
+
+
+def test_train_layers_is_refused_when_out_of_range(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="train_layers"):
+        RewardConfig(train_layers=-1)
+    rm = reward_model_from_lm(model, tok)
+    before = {n: p.detach().clone() for n, p in rm.named_parameters()}
+    with pytest.raises(ValueError, match="transformer blocks"):
+        RewardTrainer(rm, RewardConfig(batch_size=4, train_layers=99)).fit(_happy_examples(8), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in rm.named_parameters())

@@ -98,6 +98,39 @@ class RewardModel(nn.Module):
     def device(self):
         return self.head.weight.device
 
+    def train_top_layers(self, n: int | None) -> int:
+        """Make only the top `n` transformer blocks, what follows them (the final norm) and the head trainable;
+        None: every weight. Returns the number of trainable parameters. The blocks are the LM's largest
+        ModuleList (GPT-2's `h`, Llama's and Gemma's `layers`, ...), so this works for any family; embeddings and
+        the unused vocabulary head stay frozen."""
+        from labkit.sampling import unwrap
+
+        if n is None:
+            self.requires_grad_(True)
+        else:
+            base = unwrap(self.lm)
+            blocks = max((m for m in base.modules() if isinstance(m, nn.ModuleList)),
+                         key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+            if blocks is None or len(blocks) == 0:
+                raise ValueError(f"train_layers={n}: found no transformer blocks (an nn.ModuleList) in "
+                                 f"{type(base).__name__}; use train_layers=None to train every weight")
+            if n > len(blocks):
+                raise ValueError(f"train_layers={n}, but {type(base).__name__} has {len(blocks)} transformer blocks; "
+                                 f"pass at most {len(blocks)}, or None for every weight")
+            in_blocks = {id(p) for p in blocks.parameters()}
+            out_head = base.get_output_embeddings()
+            unused = {id(p) for p in out_head.parameters()} if out_head is not None else set()
+            names = [(name, p) for name, p in base.named_parameters()]
+            last_block = max(i for i, (_, p) in enumerate(names) if id(p) in in_blocks)
+            self.lm.requires_grad_(False)
+            for block in list(blocks)[len(blocks) - n:] if n else []:
+                block.requires_grad_(True)
+            for _, p in names[last_block + 1:]:  # after the blocks in registration order: the final norm
+                if id(p) not in in_blocks and id(p) not in unused:
+                    p.requires_grad_(True)
+            self.head.requires_grad_(True)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     def trunk_hidden(self, input_ids, attention_mask, only: torch.Tensor | None = None):
         """Final hidden states (B, T, H), or (B, K, H) at positions `only`: the LM's own forward with no logits
         kept (see `lm_forward`)."""

@@ -46,6 +46,11 @@ class RewardConfig:
     """"tf_adam" (TensorFlow's eps semantics, as the original) or "adam" (PyTorch's)."""
     seed: int = 0
     """Seeds the held-out split, the shuffling and the normalisation samples."""
+    train_layers: int | None = None
+    """Train only the top `train_layers` transformer blocks, the final norm and the head; the blocks below keep rho's
+    weights. None trains every weight, as released (train_reward.py RewardModelTrainer: the optimizer minimises over
+    all the model's trainable variables). On a few hundred labels and a CPU, the top few blocks train faster (no
+    backward pass through the frozen ones) and overfit less; 0 trains the head and final norm only."""
 
     def __post_init__(self):
         """Refuse bad settings now, before any model loads (labkit.checks)."""
@@ -58,6 +63,8 @@ class RewardConfig:
         at_least(self, "normalize_samples", 1)
         one_of(self, "optimizer", ("tf_adam", "adam"))
         at_least(self, "seed", 0)
+        if self.train_layers is not None:
+            at_least(self, "train_layers", 0, "transformer blocks trained at the top (None: all)")
 
 
 @dataclass(frozen=True)
@@ -274,6 +281,7 @@ class RewardTrainer:
         rng = random.Random(cfg.seed + self.step)
         steps_per_epoch = sum(math.ceil(len(g) / cfg.batch_size) for g in _by_k(train).values())
         total = steps_per_epoch * cfg.epochs
+        self.rm.train_top_layers(cfg.train_layers)
         params = [p for p in self.rm.parameters() if p.requires_grad]
         opt = make_optimizer(params, cfg.lr, cfg.optimizer)
         sched = linear_decay_scheduler(opt, total)

@@ -1,5 +1,6 @@
 """Every notebook executes top to bottom in smoke mode (tiny model, toy sizes), as CI does."""
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,22 @@ def test_notebooks_are_committed_without_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
 
 
+# Calls that return every update's metrics: a cell ending in one prints a list of dicts, ~100s of lines.
+TRAINING_CALLS = {"train", "fit", "round"}
+
+
+def test_no_cell_ends_in_a_training_call_whose_metrics_would_print():
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for i, cell in enumerate(nb.cells):
+            body = ast.parse(cell.source).body if cell.cell_type == "code" else []
+            last = body[-1] if body else None
+            if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call):
+                func = last.value.func  # `trainer.train(...)`, `loop.round(...)`; not a DataFrame's `.round(1)`
+                name = func.attr if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+                assert name not in TRAINING_CALLS, f"{path.name} cell {i} ends in {name}(...): assign its result"
+
+
 def execute(path: Path, workdir: Path):
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
@@ -35,6 +52,11 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     nb = execute(tmp_path / path.name, tmp_path)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    shown = [o["data"].get("text/plain", "") for o in outputs if o.output_type == "execute_result"]
+    assert not [t for t in shown if "objective/" in t or "rm/loss" in t], "a cell displays raw metric dicts"
+    stderr = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.get("name") == "stderr")
+    assert "is_gradient_checkpointing" not in stderr  # peft's deprecation warning, silenced in PPOTrainer
     if path.name == "00_quickstart.ipynb":
         # rerunning the notebook continues: labels, reward model and PPO checkpoint are reused, not redone
         saved = json.loads((latest(tmp_path / "runs/quickstart-smoke/ppo") / "trainer.json").read_text())
@@ -42,3 +64,5 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
         nb2 = execute(tmp_path / path.name, tmp_path)
         text = "".join(o.get("text", "") for c in nb2.cells if c.cell_type == "code" for o in c.outputs)
         assert "Resumed from" in text and "loaded the saved reward model" in text
+        # its training, saved with it, is summarised on load: 8 comparisons, one held out
+        assert "trained on 7 comparisons (1 held out) in 1 step: held-out accuracy" in text, text

@@ -1,0 +1,151 @@
+"""The newcomer's quickstart, timed and judged: executes notebooks/00_quickstart.ipynb headless from a fresh kernel
+and a fresh lab folder, as a user running it top to bottom would (nobody clicks the labeler, so the mock labeler
+labels every comparison), and prints one JSON line:
+
+- total seconds, and seconds per section of the notebook (its "##" headings);
+- the held-out effect the notebook reports: mean VADER of pi's and rho's samples on the same validation prompts and
+  seeds, their paired difference with a 95% interval (labkit.evaluate.paired_difference), the last update's KL and
+  beta, the KL target.
+
+    python benchmarks/quickstart.py                                  # the notebook as committed
+    python benchmarks/quickstart.py --set PPO_UPDATES=20 --set N_PROMPTS=96 --name more-updates   # one sweep point
+    python benchmarks/quickstart.py --smoke                          # the tiny model, as CI runs it
+
+`--set NAME=VALUE` runs the notebook with a constant of its first code cell changed (a cell is inserted after it;
+VALUE is a Python literal): how the sweep in benchmarks/results/quickstart.jsonl was run, one point per call.
+
+`--keep DIR` keeps the run's lab folder (labels, reward model, PPO checkpoints); `--reuse DIR` starts from such a
+folder's labels and reward model (not its PPO run), as a user rerunning the notebook does: a sweep over the PPO
+settings then costs only the PPO and evaluation sections. Its line says `"reused": DIR`, and its total is not the
+fresh-kernel time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import emit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "00_quickstart.ipynb"
+EFFECT_FILE = "effect.json"
+"""What the notebook's last cell writes into its LAB_DIR: the numbers it shows, for this script to read."""
+
+
+def _overrides(pairs: list[str], nb) -> dict:
+    """--set NAME=VALUE pairs, each NAME a constant the notebook's first code cell assigns and VALUE a Python
+    literal; refused otherwise (a typo would silently run the default)."""
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assigned = {t.id for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in assigned:
+            raise SystemExit(f"--set {pair!r}: expected NAME=VALUE with NAME one of {sorted(assigned)}.")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--set {pair!r}: {value!r} is not a Python literal (a number, string, True/False, None).")
+    return out
+
+
+def _sections(nb) -> list[str]:
+    """Each cell's section: the latest "## " heading above it ("setup" before the first)."""
+    section, out = "setup", []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            heads = [line[3:].strip() for line in cell.source.splitlines() if line.startswith("## ")]
+            section = heads[-1].split(" (")[0] if heads else section  # "## PPO ... (live curves; ...)": the name
+        out.append(section)
+    return out
+
+
+def lab_dir(smoke: bool) -> str:
+    """The notebook's LAB_DIR, relative to where it runs."""
+    return "runs/quickstart-smoke" if smoke else "runs/quickstart"
+
+
+def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, reuse: Path | None = None) -> dict:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    if overrides:
+        first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+        code = "\n".join(f"{k} = {v!r}  # benchmarks/quickstart.py --set" for k, v in overrides.items())
+        nb.cells.insert(first + 1, nbformat.v4.new_code_cell(code))
+    sections = _sections(nb)
+    seconds: dict[str, float] = {}
+    started: dict[int, float] = {}
+
+    def on_start(cell, cell_index, **_):
+        started[cell_index] = time.perf_counter()
+
+    def on_complete(cell, cell_index, **_):
+        name = sections[cell_index]
+        took = time.perf_counter() - started[cell_index]
+        seconds[name] = seconds.get(name, 0.0) + took
+        print(f"cell {cell_index} ({name}): {took:.1f} s", file=sys.stderr, flush=True)  # progress of a long run
+
+    with tempfile.TemporaryDirectory(prefix="labkit-quickstart-") as work:
+        lab = Path(work) / lab_dir(smoke)
+        if reuse is not None:  # labels and reward model only: PPO starts afresh
+            shutil.copytree(reuse, lab, ignore=shutil.ignore_patterns("ppo", EFFECT_FILE))
+        env_smoke = os.environ.get("LABKIT_SMOKE")
+        os.environ["LABKIT_SMOKE"] = "1" if smoke else "0"
+        try:
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": work}},
+                                    on_cell_start=on_start, on_cell_executed=on_complete)
+            t0 = time.perf_counter()
+            client.execute()
+            total = time.perf_counter() - t0
+        finally:
+            if env_smoke is None:
+                os.environ.pop("LABKIT_SMOKE", None)
+            else:
+                os.environ["LABKIT_SMOKE"] = env_smoke
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        if errors:
+            raise SystemExit(f"the notebook failed: {errors[0].get('ename')}: {errors[0].get('evalue')}")
+        found = list(Path(work).glob(f"runs/*/{EFFECT_FILE}"))
+        if len(found) != 1:
+            raise SystemExit(f"the notebook wrote {len(found)} {EFFECT_FILE} files under runs/, expected one")
+        effect = json.loads(found[0].read_text())
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(lab, keep)
+    return {"total_s": round(total, 1), "sections_s": {k: round(v, 1) for k, v in seconds.items()}, **effect}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one constant of the notebook's first code cell (repeatable)")
+    parser.add_argument("--name", default=None, help="a label for this sweep point in the result line")
+    parser.add_argument("--smoke", action="store_true", help="the tiny random model and toy sizes (CI's path)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    parser.add_argument("--keep", type=Path, help="copy the run's lab folder here when it ends")
+    parser.add_argument("--reuse", type=Path, help="start from this lab folder's labels and reward model (see above)")
+    args = parser.parse_args(argv)
+    if args.reuse is not None and not (args.reuse / "labels.db").exists():
+        raise SystemExit(f"--reuse {args.reuse}: no labels.db there; pass a folder written by --keep")
+    overrides = _overrides(args.set, nbformat.read(NOTEBOOK, as_version=4))
+    result = run(overrides, args.smoke, args.timeout, keep=args.keep, reuse=args.reuse)
+    line = {"benchmark": "quickstart", "name": args.name or ("smoke" if args.smoke else "default"), "smoke": args.smoke,
+            "settings": overrides, "reused": str(args.reuse) if args.reuse else None, **result}
+    emit(line)
+    return line
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""benchmarks/quickstart.py runs the quickstart notebook headless and reports its time and effect: run here in smoke
+mode (the tiny model), so that the script and the notebook's evaluation cell cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quickstart  # noqa: E402
+
+
+def test_set_accepts_only_the_first_cells_constants_as_literals():
+    nb = nbformat.read(quickstart.NOTEBOOK, as_version=4)
+    assert quickstart._overrides(["PPO_UPDATES=3", "RM_TRAIN_LAYERS=None"], nb) == {"PPO_UPDATES": 3,
+                                                                                     "RM_TRAIN_LAYERS": None}
+    with pytest.raises(SystemExit, match="PPO_UPDATE"):  # a typo would silently run the default
+        quickstart._overrides(["PPO_UPDATE=3"], nb)
+    with pytest.raises(SystemExit, match="not a Python literal"):
+        quickstart._overrides(["PPO_LR=three"], nb)
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_time_sections_and_effect_then_a_reused_lab_trains_ppo_again(tmp_path, capsys):
+    results = Path(os.environ["LABKIT_BENCH_RESULTS"])  # conftest: a temporary folder
+    line = quickstart.main(["--smoke", "--name", "test", "--keep", str(tmp_path / "lab")])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == line and printed["name"] == "test" and printed["reused"] is None
+    assert set(line["sections_s"]) == {"setup", "Label by hand", "Mock labels for the rest", "Train the reward model",
+                                       "PPO with a KL penalty to rho", "Before and after, on prompts PPO never saw"}
+    assert 0 < sum(line["sections_s"].values()) <= line["total_s"]
+    assert line["sections_s"]["PPO with a KL penalty to rho"] > 0
+    assert line["n_eval"] == 4 and line["updates"] == 2 and line["kl_target"] > 0
+    for key in ("vader_rho", "vader_pi", "diff", "low", "high", "kl", "beta"):
+        assert math.isfinite(line[key]), key
+    assert line["low"] <= line["diff"] <= line["high"]
+    assert abs(line["diff"] - (line["vader_pi"] - line["vader_rho"])) < 1e-9
+    assert any(json.loads(r)["name"] == "test" for r in (results / "quickstart.jsonl").read_text().splitlines())
+    assert (tmp_path / "lab" / "labels.db").exists() and (tmp_path / "lab" / "reward_model").is_dir()
+
+    # --reuse: the labels and reward model are loaded, PPO runs again from update 0 with the new settings
+    again = quickstart.main(["--smoke", "--reuse", str(tmp_path / "lab"), "--set", "PPO_UPDATES=1"])
+    assert again["reused"] == str(tmp_path / "lab") and again["settings"] == {"PPO_UPDATES": 1}
+    assert again["updates"] == 1

@@ -62,6 +62,25 @@ def _overrides(pairs: list[str], nb) -> dict:
     return out
 
 
+def _constants(nb, overrides: dict, smoke: bool) -> dict:
+    """The values the notebook's first code cell assigns, after `overrides`, as the run saw them: each result line
+    says what it measured even when a default changes later."""
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    env_smoke = os.environ.get("LABKIT_SMOKE")
+    os.environ["LABKIT_SMOKE"] = "1" if smoke else "0"
+    try:
+        namespace: dict = {}
+        exec(first.source, namespace)  # constants only: the cell the user edits first (checked by _overrides' parse)
+    finally:
+        if env_smoke is None:
+            os.environ.pop("LABKIT_SMOKE", None)
+        else:
+            os.environ["LABKIT_SMOKE"] = env_smoke
+    names = [t.id for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name)]
+    return {name: overrides.get(name, namespace[name]) for name in names}
+
+
 def _sections(nb) -> list[str]:
     """Each cell's section: the latest "## " heading above it ("setup" before the first)."""
     section, out = "setup", []
@@ -139,10 +158,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.reuse is not None and not (args.reuse / "labels.db").exists():
         raise SystemExit(f"--reuse {args.reuse}: no labels.db there; pass a folder written by --keep")
-    overrides = _overrides(args.set, nbformat.read(NOTEBOOK, as_version=4))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    overrides = _overrides(args.set, nb)
+    constants = _constants(nb, overrides, args.smoke)
     result = run(overrides, args.smoke, args.timeout, keep=args.keep, reuse=args.reuse)
     line = {"benchmark": "quickstart", "name": args.name or ("smoke" if args.smoke else "default"), "smoke": args.smoke,
-            "settings": overrides, "reused": str(args.reuse) if args.reuse else None, **result}
+            "settings": overrides, "constants": constants, "reused": str(args.reuse) if args.reuse else None, **result}
     emit(line)
     return line
 

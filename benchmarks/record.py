@@ -37,9 +37,14 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str | None:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it: the number was then measured on code
+    that commit does not hold."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip()
+        return (commit + ("-dirty" if dirty.stdout.strip() else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

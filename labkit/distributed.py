@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
 from typing import Callable, Iterable, TypeVar
 
 import torch
@@ -100,6 +101,12 @@ def world_size() -> int:
 def is_main() -> bool:
     """The process that writes checkpoints, metrics and reads the label database."""
     return rank() == 0
+
+
+def shows_progress(progress: bool) -> bool:
+    """Whether to draw a progress bar: asked for, on the main process, and in the main thread (a notebook bar
+    drawn from a background thread, such as the online loop's refits, lands in whichever cell happens to run)."""
+    return progress and is_main() and threading.current_thread() is threading.main_thread()
 
 
 def barrier() -> None:

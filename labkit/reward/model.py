@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import threading
 import warnings
 from pathlib import Path
 
@@ -270,8 +269,7 @@ class RewardModel(nn.Module):
         self.query_format = query_format_ids(task, self.tokenizer)  # r reads queries without them, as in training
         raws = [torch.zeros(0, device=self.device)]
         mine = list(range(distributed.rank(), n_chunks, distributed.world_size()))  # chunk ids
-        # a notebook bar drawn from a background thread (the online loop's refits) lands in whichever cell runs
-        shown = progress and distributed.is_main() and threading.current_thread() is threading.main_thread()
+        shown = distributed.shows_progress(progress)
         bar = tqdm(total=len(mine) * batch_size, desc="normalizing r on rho's samples", unit="sample",
                    disable=not shown)
         for j in range(distributed.max_over_processes(len(mine))):

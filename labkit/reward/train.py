@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import threading
 import time
 from dataclasses import dataclass
 
@@ -287,8 +286,7 @@ class RewardTrainer:
         sched = linear_decay_scheduler(opt, total)
         run = []
         self.rm.trained_on = {"comparisons": len(train), "heldout": len(held)}
-        # a notebook bar drawn from a background thread (the online loop's refits) lands in whichever cell runs
-        shown = progress and distributed.is_main() and threading.current_thread() is threading.main_thread()
+        shown = distributed.shows_progress(progress)
         bar = tqdm(total=total, desc="reward model", unit="step", disable=not shown)
         try:
             for epoch in range(cfg.epochs):

@@ -587,7 +587,7 @@ class PPOTrainer:
         out = []
         if dashboard is not None and self.history and hasattr(dashboard, "load_history") and not dashboard.history:
             dashboard.load_history(self.history)
-        bar = tqdm(total=n_updates, desc="PPO updates", unit="update", disable=not _show_progress(progress))
+        bar = tqdm(total=n_updates, desc="PPO updates", unit="update", disable=not distributed.shows_progress(progress))
         try:
             for _ in range(n_updates):
                 m = self.step()
@@ -615,6 +615,16 @@ class PPOTrainer:
         self._stop.set()
 
     # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, roll: Rollout, references: list[str | None] | None = None) -> torch.Tensor:
+        """The score PPO maximises, (B,), for any rollout (e.g. `sample_rho`'s or `sample_policy`'s on held-out
+        prompts): the reward of each truncated response, the task's penalty where none was found. `references`
+        (one per row) only for a reward function that takes them."""
+        reward, takes_references = self._reward
+        if takes_references and (references is None or len(references) != len(roll)):
+            raise ValueError(f"this trainer's reward takes references: pass one per row ({len(roll)})")
+        return self._score(roll, reward, references if takes_references else None)
+
     # sampling from the current policy (for labeling while training)
 
     @torch.no_grad()
@@ -654,12 +664,6 @@ class PPOTrainer:
         """Restore a checkpoint written by `save` into this trainer (built with the same models)."""
         checkpoint.load(self, folder)
         self._checkpointed = (self.step_count, Path(folder))
-
-
-def _show_progress(progress: bool) -> bool:
-    """Whether to draw a progress bar: asked for, on the main process, and in the main thread (a notebook bar
-    drawn from a background thread lands in whichever cell happens to be running)."""
-    return progress and distributed.is_main() and threading.current_thread() is threading.main_thread()
 
 
 def _clock(device: torch.device) -> float:

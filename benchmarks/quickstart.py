@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import shutil
@@ -97,12 +98,11 @@ def lab_dir(smoke: bool) -> str:
     return "runs/quickstart-smoke" if smoke else "runs/quickstart"
 
 
-def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, reuse: Path | None = None) -> dict:
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    if overrides:
-        first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
-        code = "\n".join(f"{k} = {v!r}  # benchmarks/quickstart.py --set" for k, v in overrides.items())
-        nb.cells.insert(first + 1, nbformat.v4.new_code_cell(code))
+@contextlib.contextmanager
+def executed(nb, smoke: bool, timeout: int, before=None):
+    """Runs notebook `nb` (modified in place: its outputs) headless from a fresh kernel in a fresh temporary folder,
+    LABKIT_SMOKE set for the kernel; `before(folder)` runs first (e.g. to copy a lab in). Yields (folder, total
+    seconds, seconds per "##" section) while the folder still exists; a cell's error stops it with its message."""
     sections = _sections(nb)
     seconds: dict[str, float] = {}
     started: dict[int, float] = {}
@@ -116,10 +116,9 @@ def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, re
         seconds[name] = seconds.get(name, 0.0) + took
         print(f"cell {cell_index} ({name}): {took:.1f} s", file=sys.stderr, flush=True)  # progress of a long run
 
-    with tempfile.TemporaryDirectory(prefix="labkit-quickstart-") as work:
-        lab = Path(work) / lab_dir(smoke)
-        if reuse is not None:  # labels and reward model only: PPO starts afresh
-            shutil.copytree(reuse, lab, ignore=shutil.ignore_patterns("ppo", EFFECT_FILE))
+    with tempfile.TemporaryDirectory(prefix="labkit-notebook-") as work:
+        if before is not None:
+            before(Path(work))
         env_smoke = os.environ.get("LABKIT_SMOKE")
         os.environ["LABKIT_SMOKE"] = "1" if smoke else "0"
         try:
@@ -136,14 +135,36 @@ def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, re
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         if errors:
             raise SystemExit(f"the notebook failed: {errors[0].get('ename')}: {errors[0].get('evalue')}")
-        found = list(Path(work).glob(f"runs/*/{EFFECT_FILE}"))
-        if len(found) != 1:
-            raise SystemExit(f"the notebook wrote {len(found)} {EFFECT_FILE} files under runs/, expected one")
-        effect = json.loads(found[0].read_text())
+        yield Path(work), round(total, 1), {k: round(v, 1) for k, v in seconds.items()}
+
+
+def effect_of(work: Path) -> dict | None:
+    """What the notebook's last cell wrote to {LAB_DIR}/effect.json, if it wrote one."""
+    found = list(work.glob(f"runs/*/{EFFECT_FILE}"))
+    if len(found) > 1:
+        raise SystemExit(f"the notebook wrote {len(found)} {EFFECT_FILE} files under runs/, expected one")
+    return json.loads(found[0].read_text()) if found else None
+
+
+def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, reuse: Path | None = None) -> dict:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    if overrides:
+        first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+        code = "\n".join(f"{k} = {v!r}  # benchmarks/quickstart.py --set" for k, v in overrides.items())
+        nb.cells.insert(first + 1, nbformat.v4.new_code_cell(code))
+
+    def copy_lab(work: Path):  # labels and reward model only: PPO starts afresh
+        if reuse is not None:
+            shutil.copytree(reuse, work / lab_dir(smoke), ignore=shutil.ignore_patterns("ppo", EFFECT_FILE))
+
+    with executed(nb, smoke, timeout, before=copy_lab) as (work, total, seconds):
+        effect = effect_of(work)
+        if effect is None:
+            raise SystemExit(f"the notebook wrote no {EFFECT_FILE} under runs/: did its last cell change?")
         if keep is not None:
             shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(lab, keep)
-    return {"total_s": round(total, 1), "sections_s": {k: round(v, 1) for k, v in seconds.items()}, **effect}
+            shutil.copytree(work / lab_dir(smoke), keep)
+    return {"total_s": total, "sections_s": seconds, **effect}
 
 
 def main(argv=None) -> dict:

@@ -60,7 +60,8 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     if path.name == "00_quickstart.ipynb":
         # rerunning the notebook continues: labels, reward model and PPO checkpoint are reused, not redone
         saved = json.loads((latest(tmp_path / "runs/quickstart-smoke/ppo") / "trainer.json").read_text())
-        assert saved["config"]["lora_r"] > 0  # smoke mode runs the notebook's own path: LoRA, rho = adapters off
+        # smoke mode runs the notebook's own path: every weight trained (LORA_R = 0), rho a frozen copy
+        assert saved["config"]["lora_r"] == 0 and saved["config"]["minibatch_size"] == 2
         nb2 = execute(tmp_path / path.name, tmp_path)
         text = "".join(o.get("text", "") for c in nb2.cells if c.cell_type == "code" for o in c.outputs)
         assert "Resumed from" in text and "loaded the saved reward model" in text

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from labkit.data import Prompt
 from labkit.models import load_lm
 from labkit.rl import PPOConfig, PPOTrainer
 from labkit.reward import reward_model_from_lm
 from labkit.sampling import forward_responses, pad_left, sample, score_logprobs
-from labkit.tasks import SENTIMENT, format_query
+from labkit.tasks import SENTIMENT, TruncationRule, format_query
 
 PROMPTS = ["It was late. The rain stopped and she waited.", "One. Two words here. And more."]
 TRL_METRICS = ["objective/kl", "objective/kl_coef", "objective/scores", "objective/rlhf_reward",
@@ -374,3 +375,27 @@ def test_a_nan_reward_stops_the_update_before_any_weight_changes():
         trainer.step()
     assert trainer.step_count == 0
     assert all(torch.equal(p, p0) for p, p0 in zip(trainer.params, params0))
+
+
+def test_score_gives_any_rollout_the_reward_ppo_maximises_with_the_penalty_where_nothing_was_found():
+    model, tok = peaky_tiny()
+    t = SENTIMENT.with_(response_length=8, truncation=TruncationRule(".", after=2), penalty=-3.0)
+    trainer = PPOTrainer(model, tok, t, lambda q, r: [float(len(s)) for s in r], PROMPTS, config())
+    roll = trainer.sample_rho(PROMPTS * 16, seed=0)
+    assert 0 < roll.found.sum() < len(roll)  # both cases occur
+    expected = [float(len(s)) if ok else -3.0 for s, ok in zip(roll.response_texts, roll.found.tolist())]
+    assert trainer.score(roll).tolist() == expected
+
+
+def test_score_asks_for_references_when_the_reward_takes_them():
+    model, tok = peaky_tiny()
+
+    def overlap(queries, responses, references):
+        return [float(len(set(r) & set(ref))) for r, ref in zip(responses, references)]
+
+    prompts = [Prompt(text, reference) for text, reference in zip(PROMPTS, ["abc", "xyz"])]
+    trainer = PPOTrainer(model, tok, task(), overlap, prompts, config())
+    roll = trainer.sample_rho(PROMPTS, seed=0)
+    with pytest.raises(ValueError, match="takes references"):
+        trainer.score(roll)
+    assert trainer.score(roll, references=["abc", "xyz"]).tolist() == overlap(None, roll.response_texts, ["abc", "xyz"])

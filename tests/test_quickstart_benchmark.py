@@ -43,6 +43,10 @@ def test_smoke_run_prints_time_sections_and_effect_then_a_reused_lab_trains_ppo_
         assert math.isfinite(line[key]), key
     assert line["low"] <= line["diff"] <= line["high"]
     assert abs(line["diff"] - (line["vader_pi"] - line["vader_rho"])) < 1e-9
+    for key in ("score_rho", "score_pi", "score_diff", "score_low", "score_high"):  # the reward model's view
+        assert math.isfinite(line[key]), key
+    assert line["score_low"] <= line["score_diff"] <= line["score_high"]
+    assert line["constants"]["SMOKE"] is True and line["constants"]["N_EVAL"] == 4
     assert any(json.loads(r)["name"] == "test" for r in (results / "quickstart.jsonl").read_text().splitlines())
     assert (tmp_path / "lab" / "labels.db").exists() and (tmp_path / "lab" / "reward_model").is_dir()
 
@@ -50,3 +54,25 @@ def test_smoke_run_prints_time_sections_and_effect_then_a_reused_lab_trains_ppo_
     again = quickstart.main(["--smoke", "--reuse", str(tmp_path / "lab"), "--set", "PPO_UPDATES=1"])
     assert again["reused"] == str(tmp_path / "lab") and again["settings"] == {"PPO_UPDATES": 1}
     assert again["updates"] == 1
+
+
+def test_each_line_records_the_constants_the_run_saw():
+    nb = nbformat.read(quickstart.NOTEBOOK, as_version=4)
+    full = quickstart._constants(nb, {"PPO_UPDATES": 3}, smoke=False)
+    smoke = quickstart._constants(nb, {}, smoke=True)
+    assert full["PPO_UPDATES"] == 3 and full["MODEL"] != "tiny" and full["SMOKE"] is False
+    assert smoke["MODEL"] == "tiny" and smoke["SMOKE"] is True
+    assert set(full) == set(smoke) >= {"N_PROMPTS", "PPO_LR", "LORA_R", "PPO_MINIBATCH", "N_EVAL"}
+
+
+@pytest.mark.slow
+def test_notebook_times_runs_any_notebook_and_records_its_sections(capsys):
+    sys.path.insert(0, str(BENCH))
+    import notebook_times
+
+    hello = quickstart.NOTEBOOK.parent / "00_hello.ipynb"
+    (line,) = notebook_times.main(["--smoke", str(hello)])
+    assert line["notebook"] == "00_hello.ipynb" and line["smoke"] is True
+    assert 0 < sum(line["sections_s"].values()) <= line["total_s"] and "effect" not in line
+    with pytest.raises(SystemExit, match="no such notebook"):
+        notebook_times.main(["notebooks/nope.ipynb"])

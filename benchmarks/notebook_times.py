@@ -1,0 +1,46 @@
+"""How long each notebook takes from a fresh kernel to its last cell, as a user running it top to bottom would see
+it (nobody clicks the labeler, so the mock labeler labels everything): one JSON line per notebook with the total
+and the seconds of each "##" section, and the numbers the notebook's last cell wrote to {LAB_DIR}/effect.json
+when it writes one. The first cell of each notebook states the time measured here.
+
+    python benchmarks/notebook_times.py notebooks/01_sentiment.ipynb notebooks/02_descriptiveness.ipynb
+    python benchmarks/notebook_times.py --smoke notebooks/00_hello.ipynb     # the tiny model, as CI runs it
+
+00_quickstart has its own script with sweep options (benchmarks/quickstart.py); this one runs the same executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quickstart import effect_of, executed  # noqa: E402
+from record import emit  # noqa: E402
+
+
+def time_notebook(path: Path, smoke: bool, timeout: int) -> dict:
+    nb = nbformat.read(path, as_version=4)
+    with executed(nb, smoke, timeout) as (work, total, seconds):
+        effect = effect_of(work)
+    return {"benchmark": "notebook_times", "notebook": path.name, "smoke": smoke, "total_s": total,
+            "sections_s": seconds, **({"effect": effect} if effect else {})}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="the tiny random model and toy sizes (CI's path)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.notebooks if not p.is_file()]
+    if missing:
+        raise SystemExit(f"no such notebook: {', '.join(missing)}")
+    return [emit(time_notebook(p, args.smoke, args.timeout)) for p in args.notebooks]
+
+
+if __name__ == "__main__":
+    main()

@@ -37,16 +37,21 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str | None:
-    """HEAD's short hash, with "-dirty" when tracked files differ from it: the number was then measured on code
-    that commit does not hold."""
+    """HEAD's short hash, with "-dirty" when tracked files other than the results differ from it: the number was
+    then measured on code that commit does not hold."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip()
         return (commit + ("-dirty" if dirty.stdout.strip() else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# When the benchmark started (this module is imported first): a long run's code is the one it loaded, whatever
+# is committed by the time it ends.
+COMMIT_AT_START = _commit()
 
 
 def emit(result: dict, name: str | None = None) -> dict:
@@ -56,7 +61,7 @@ def emit(result: dict, name: str | None = None) -> dict:
     if folder is None:
         return result
     tagged = {"recorded": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": _cpu_model(),
-              "cores": os.cpu_count(), "commit": _commit(), **result}
+              "cores": os.cpu_count(), "commit": COMMIT_AT_START, **result}
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{name or result['benchmark']}.jsonl", "a") as f:
         f.write(json.dumps(tagged) + "\n")

@@ -45,12 +45,35 @@ EFFECT_FILE = "effect.json"
 """What the notebook's last cell writes into its LAB_DIR: the numbers it shows, for this script to read."""
 
 
+def _first_code(nb) -> str:
+    """The notebook's configuration cell: its first code cell."""
+    return next(c for c in nb.cells if c.cell_type == "code").source
+
+
+def _assigned(source: str) -> list[str]:
+    """The names a cell assigns at top level, in order."""
+    return [t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)]
+
+
+@contextlib.contextmanager
+def _smoke_env(smoke: bool):
+    """LABKIT_SMOKE set as the notebooks read it, restored afterwards."""
+    before = os.environ.get("LABKIT_SMOKE")
+    os.environ["LABKIT_SMOKE"] = "1" if smoke else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LABKIT_SMOKE", None)
+        else:
+            os.environ["LABKIT_SMOKE"] = before
+
+
 def _overrides(pairs: list[str], nb) -> dict:
     """--set NAME=VALUE pairs, each NAME a constant the notebook's first code cell assigns and VALUE a Python
     literal; refused otherwise (a typo would silently run the default)."""
-    first = next(c for c in nb.cells if c.cell_type == "code")
-    assigned = {t.id for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
-                for t in node.targets if isinstance(t, ast.Name)}
+    assigned = _assigned(_first_code(nb))
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -66,20 +89,11 @@ def _overrides(pairs: list[str], nb) -> dict:
 def _constants(nb, overrides: dict, smoke: bool) -> dict:
     """The values the notebook's first code cell assigns, after `overrides`, as the run saw them: each result line
     says what it measured even when a default changes later."""
-    first = next(c for c in nb.cells if c.cell_type == "code")
-    env_smoke = os.environ.get("LABKIT_SMOKE")
-    os.environ["LABKIT_SMOKE"] = "1" if smoke else "0"
-    try:
-        namespace: dict = {}
-        exec(first.source, namespace)  # constants only: the cell the user edits first (checked by _overrides' parse)
-    finally:
-        if env_smoke is None:
-            os.environ.pop("LABKIT_SMOKE", None)
-        else:
-            os.environ["LABKIT_SMOKE"] = env_smoke
-    names = [t.id for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
-             for t in node.targets if isinstance(t, ast.Name)]
-    return {name: overrides.get(name, namespace[name]) for name in names}
+    source = _first_code(nb)
+    namespace: dict = {}
+    with _smoke_env(smoke):
+        exec(source, namespace)  # constants only: the configuration cell a user edits first
+    return {name: overrides.get(name, namespace[name]) for name in _assigned(source)}
 
 
 def _sections(nb) -> list[str]:
@@ -119,19 +133,12 @@ def executed(nb, smoke: bool, timeout: int, before=None):
     with tempfile.TemporaryDirectory(prefix="labkit-notebook-") as work:
         if before is not None:
             before(Path(work))
-        env_smoke = os.environ.get("LABKIT_SMOKE")
-        os.environ["LABKIT_SMOKE"] = "1" if smoke else "0"
-        try:
+        with _smoke_env(smoke):  # the kernel inherits it
             client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": work}},
                                     on_cell_start=on_start, on_cell_executed=on_complete)
             t0 = time.perf_counter()
             client.execute()
             total = time.perf_counter() - t0
-        finally:
-            if env_smoke is None:
-                os.environ.pop("LABKIT_SMOKE", None)
-            else:
-                os.environ["LABKIT_SMOKE"] = env_smoke
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         if errors:
             raise SystemExit(f"the notebook failed: {errors[0].get('ename')}: {errors[0].get('evalue')}")

@@ -57,6 +57,10 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     assert not [t for t in shown if "objective/" in t or "rm/loss" in t], "a cell displays raw metric dicts"
     stderr = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.get("name") == "stderr")
     assert "is_gradient_checkpointing" not in stderr  # peft's deprecation warning, silenced in PPOTrainer
+    if path.name in ("01_sentiment.ipynb", "02_descriptiveness.ipynb"):  # read by benchmarks/notebook_times.py
+        (effect,) = tmp_path.glob("runs/*/effect.json")
+        numbers = json.loads(effect.read_text())
+        assert 0 <= numbers["win_rate"]["rate"] <= 1 and numbers["updates"] == 2, numbers
     if path.name == "00_quickstart.ipynb":
         # rerunning the notebook continues: labels, reward model and PPO checkpoint are reused, not redone
         saved = json.loads((latest(tmp_path / "runs/quickstart-smoke/ppo") / "trainer.json").read_text())

@@ -40,17 +40,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import emit  # noqa: E402
 
-KEYS = {"lr": float, "epochs": int, "layers": int, "batch": int}
+KEYS = {"lr": float, "epochs": int, "layers": int, "batch": int, "l2": float}
 
 
 def parse_setting(text: str) -> dict:
-    """"lr=6e-4,epochs=1,layers=16" -> {"lr": 6e-4, "epochs": 1, "layers": 16, "batch": 16}."""
+    """"lr=6e-4,epochs=1,layers=16" -> {"lr": 6e-4, "epochs": 1, "layers": 16, "batch": 16}; "l2=1" -> the head
+    fitted on the frozen trunk (RewardConfig.head_l2), which takes no lr, epochs or layers."""
     setting = {"batch": 16}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key not in KEYS or not value:
             raise SystemExit(f"bad setting {text!r}: use key=value pairs separated by commas, keys {sorted(KEYS)}")
         setting[key] = KEYS[key](value)
+    if "l2" in setting:
+        if setting.keys() & {"lr", "epochs", "layers"}:
+            raise SystemExit(f"setting {text!r}: l2 fits the head alone; lr, epochs and layers do not apply")
+        return setting
     missing = {"lr", "epochs", "layers"} - setting.keys()
     if missing:
         raise SystemExit(f"setting {text!r} lacks {sorted(missing)}")
@@ -62,7 +67,8 @@ def main(argv=None):
     p.add_argument("labels", help="a label store (labels.db) with labeled sentiment comparisons")
     p.add_argument("--n-labels", type=int, default=1000, help="use the first N labeled comparisons")
     p.add_argument("--settings", nargs="+", default=["lr=1e-4,epochs=2,layers=8", "lr=6e-4,epochs=1,layers=16"],
-                   help="key=value,... with lr, epochs, layers (-1 = all) and optionally batch")
+                   help="key=value,... with lr, epochs, layers (-1 = all) and optionally batch; or l2=X (the head "
+                        "fitted on the frozen trunk, RewardConfig.head_l2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default=None, help="weights' dtype (default fp32; CUDA runs matmuls in bf16 autocast)")
@@ -99,9 +105,12 @@ def main(argv=None):
             torch.manual_seed(seed)  # the head's init
             rm = reward_model_from_lm(rho, tok)
             rm.normalize(rho, SENTIMENT, prompts, n_samples=64, seed=seed + 11, batch_size=32)
-            cfg = RewardConfig(lr=setting["lr"], batch_size=setting["batch"], epochs=setting["epochs"],
-                               heldout_fraction=0.1, eval_every=10**9, seed=seed,
-                               train_layers=None if setting["layers"] < 0 else setting["layers"])
+            if "l2" in setting:
+                cfg = RewardConfig(head_l2=setting["l2"], batch_size=setting["batch"], heldout_fraction=0.1, seed=seed)
+            else:
+                cfg = RewardConfig(lr=setting["lr"], batch_size=setting["batch"], epochs=setting["epochs"],
+                                   heldout_fraction=0.1, eval_every=10**9, seed=seed,
+                                   train_layers=None if setting["layers"] < 0 else setting["layers"])
             history = RewardTrainer(rm, cfg).fit(examples, progress=False)
             losses = [m["rm/loss"] for m in history]
             record = {"setting": name, "seed": seed, "n_labels": len(examples),

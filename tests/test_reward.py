@@ -286,3 +286,79 @@ def test_train_layers_is_refused_when_out_of_range(tiny):
     with pytest.raises(ValueError, match="transformer blocks"):
         RewardTrainer(rm, RewardConfig(batch_size=4, train_layers=99)).fit(_happy_examples(8), progress=False)
     assert all(torch.equal(p, before[n]) for n, p in rm.named_parameters())
+
+
+def test_fit_linear_head_reaches_the_penalised_optimum_of_a_naive_reference():
+    """L-BFGS on standardised features equals plain gradient descent on the same convex objective, written out
+    longhand; mixed k is one objective over all comparisons."""
+    from labkit.reward.train import fit_linear_head
+
+    g = torch.Generator().manual_seed(0)
+    H = 6
+    true_w = torch.randn(H, generator=g)
+    feats = {4: torch.randn(40, 4, H, generator=g) * 3 + 1, 2: torch.randn(20, 2, H, generator=g)}
+    best = {k: (f @ true_w).argmax(-1) for k, f in feats.items()}
+    l2 = 0.05
+    w_raw, b_raw = fit_linear_head(feats, best, l2)
+
+    flat = torch.cat([f.reshape(-1, H) for f in feats.values()])
+    mean, std = flat.mean(0), flat.std(0)
+    w = torch.zeros(H, dtype=torch.float64, requires_grad=True)
+    for _ in range(3000):  # gradient descent to convergence, in float64
+        total = 0
+        for k, f in feats.items():
+            z = ((f - mean) / std).double()
+            for i in range(len(f)):
+                s = z[i] @ w
+                total = total - (s[best[k][i]] - torch.logsumexp(s, 0))
+        loss = total / 60 + l2 * (w * w).sum()
+        (grad,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():
+            w -= 0.5 * grad
+        if grad.abs().max() < 1e-7:
+            break
+    expected = (w.detach() / std.double()).float()
+    torch.testing.assert_close(w_raw, expected, atol=1e-4, rtol=1e-3)
+    # the offset makes s = z @ w exactly: the mean response scores 0
+    torch.testing.assert_close(mean @ w_raw + b_raw, torch.tensor(0.0), atol=1e-5, rtol=0)
+    # and the fit picks the preferred responses it was given
+    assert ((feats[4] @ w_raw).argmax(-1) == best[4]).float().mean() > 0.8
+
+
+def test_head_fit_learns_a_preference_and_leaves_the_trunk_alone(tiny):
+    """head_l2: only the head changes, r equals the fitted scores at the current gain and bias, and the held-out
+    comparisons are judged well above chance (the best response always says ' happy')."""
+    model, tok = tiny
+    rm = reward_model_from_lm(model, tok, seed=0)
+    rm.gain.fill_(0.5)  # as after a normalisation: the fit must account for it
+    rm.bias.fill_(0.3)
+    trunk = {n: p.detach().clone() for n, p in rm.lm.named_parameters()}
+    head = rm.head.weight.detach().clone()
+    words = ["table", "window", "river", "stone", "paper", "green", "seven"]
+    examples = []
+    for i in range(60):
+        resp = [f" the {words[(i + j) % 7]} {words[(i * 3 + j) % 7]}" for j in range(4)]
+        resp[i % 4] = " happy happy happy"
+        examples.append(KWayExample(f"Query {i}.", resp, i % 4))
+    trainer = RewardTrainer(rm, RewardConfig(head_l2=0.01, batch_size=16, heldout_fraction=0.2))
+    hist = trainer.fit(examples, progress=False)
+    assert hist and all(math.isfinite(m["rm/loss"]) and "rm/heldout_accuracy" in m for m in hist)
+    assert hist[-1]["rm/loss"] < hist[0]["rm/chance_loss"] and hist[-1]["rm/heldout_accuracy"] >= 0.75
+    assert rm.trained_on == {"comparisons": 48, "heldout": 12} and rm.history[-1] == hist[-1]
+    assert rm.training_summary().startswith(f"head fitted on the frozen trunk (L2 0.01) on 48 comparisons (12 held out) "
+                                            f"in {len(hist)} L-BFGS round")
+    assert all(torch.equal(p, trunk[n]) for n, p in rm.lm.named_parameters())
+    assert not torch.equal(rm.head.weight, head)
+    # the logged held-out numbers are those of r itself, as `evaluate` measures them
+    _, held = trainer.split(examples)
+    ev = trainer.evaluate(held)
+    assert abs(ev["rm/heldout_loss"] - hist[-1]["rm/heldout_loss"]) < 1e-4
+    assert abs(ev["rm/heldout_accuracy"] - hist[-1]["rm/heldout_accuracy"]) < 1e-9
+
+
+def test_head_l2_is_refused_with_train_layers_or_when_not_positive():
+    with pytest.raises(ValueError, match="train_layers=4 would be ignored"):
+        RewardConfig(head_l2=1.0, train_layers=4)
+    with pytest.raises(ValueError, match="head_l2"):
+        RewardConfig(head_l2=0.0)
+    assert RewardConfig(head_l2=1.0, train_layers=0).head_l2 == 1.0

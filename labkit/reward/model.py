@@ -142,6 +142,11 @@ class RewardModel(nn.Module):
 
         query_ids (B, Q) left-padded; response_ids (B, R) right-padded after `response_lengths` tokens.
         """
+        h = self.last_hidden(query_ids, query_lengths, response_ids, response_lengths)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # h is bf16 under autocast
+
+    def last_hidden(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
+        """The final hidden state at the last real token of each query + response (B, H): what the head reads."""
         B, Q = query_ids.shape
         R = response_ids.shape[1]
         if (response_lengths < 1).any():
@@ -151,8 +156,7 @@ class RewardModel(nn.Module):
         last = Q + response_lengths - 1  # the last real token, not the first pad after it
         read = torch.unique(last)  # (K,) sorted: the positions some row is scored at
         hidden = self.trunk_hidden(torch.cat([query_ids, response_ids], 1), mask, only=read)  # (B, K, H)
-        h = hidden[torch.arange(B, device=hidden.device), torch.searchsorted(read, last)]  # (B, H)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # h is bf16 under autocast
+        return hidden[torch.arange(B, device=hidden.device), torch.searchsorted(read, last)]  # (B, H)
 
     def forward(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         return self.gain * self.raw(query_ids, query_lengths, response_ids, response_lengths) + self.bias
@@ -169,6 +173,14 @@ class RewardModel(nn.Module):
         pass when the gradient reaches the block's output, but the shared keys/values carry it into the query
         pass's blocks from inside, after FSDP has freed those weights again.
         """
+        B = query_ids.shape[0]
+        k = response_ids.shape[0] // B
+        h = self.kway_hidden(query_ids, query_lengths, response_ids, response_lengths)  # (B*k, H)
+        raw = self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        return (self.gain * raw + self.bias).view(B, k)
+
+    def kway_hidden(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
+        """`last_hidden` of k responses to each of B queries (B*k, H), laid out and computed as `kway` describes."""
         B, Q = query_ids.shape
         k, R = response_ids.shape[0] // B, response_ids.shape[1]
         if response_ids.shape[0] != B * k:
@@ -177,7 +189,7 @@ class RewardModel(nn.Module):
             raise ValueError("Every response needs at least one token to be scored.")
         if is_sharded(self.lm):
             q_ids, q_len = query_ids.repeat_interleave(k, dim=0), query_lengths.repeat_interleave(k)
-            return self(q_ids, q_len, response_ids, response_lengths).view(B, k)
+            return self.last_hidden(q_ids, q_len, response_ids, response_lengths)
         no_logits = torch.zeros(0, dtype=torch.long, device=query_ids.device)
         q_mask = left_pad_mask(query_lengths, Q)  # (B, Q)
         _, _, cache = lm_forward(self.lm, query_ids, q_mask, positions(q_mask), no_logits, use_cache=True,
@@ -189,9 +201,7 @@ class RewardModel(nn.Module):
         read = torch.unique(response_lengths - 1)  # (K,) sorted: the positions some response is scored at
         _, hidden, _ = lm_forward(self.lm, response_ids, mask, pos, no_logits, want_hidden=True, cache=cache, use_cache=True,
                                   only=read)  # (B*k, K, H)
-        h = hidden[torch.arange(B * k, device=hidden.device), torch.searchsorted(read, response_lengths - 1)]  # (B*k, H)
-        raw = self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
-        return (self.gain * raw + self.bias).view(B, k)
+        return hidden[torch.arange(B * k, device=hidden.device), torch.searchsorted(read, response_lengths - 1)]
 
     # ---- convenience scoring -----------------------------------------------------------------
 
@@ -387,12 +397,14 @@ class RewardModel(nn.Module):
         if not self.history:
             return "no training metrics were kept with it (saved before labkit kept them, or never trained)"
         counts = self.trained_on or {}
-        text = "trained"
+        l2 = self.history[-1].get("rm/head_l2")  # RewardConfig.head_l2: the head fitted alone, in L-BFGS rounds
+        text = "trained" if l2 is None else f"head fitted on the frozen trunk (L2 {l2:g})"
         if counts.get("comparisons") is not None:
             text += f" on {counts['comparisons']} comparisons"
             if counts.get("heldout"):
                 text += f" ({counts['heldout']} held out)"
-        text += f" in {len(self.history)} step{'s' if len(self.history) != 1 else ''}"
+        n, unit = len(self.history), "step" if l2 is None else "L-BFGS round"
+        text += f" in {n} {unit}{'s' if n != 1 else ''}"
         evaluated = [m for m in self.history if m.get("rm/heldout_accuracy") is not None]
         if evaluated:
             last = evaluated[-1]

@@ -20,8 +20,8 @@ import quickstart  # noqa: E402
 
 def test_set_accepts_only_the_first_cells_constants_as_literals():
     nb = nbformat.read(quickstart.NOTEBOOK, as_version=4)
-    assert quickstart._overrides(["PPO_UPDATES=3", "RM_TRAIN_LAYERS=None"], nb) == {"PPO_UPDATES": 3,
-                                                                                     "RM_TRAIN_LAYERS": None}
+    assert quickstart._overrides(["PPO_UPDATES=3", "RM_HEAD_L2=None"], nb) == {"PPO_UPDATES": 3,
+                                                                                "RM_HEAD_L2": None}
     with pytest.raises(SystemExit, match="PPO_UPDATE"):  # a typo would silently run the default
         quickstart._overrides(["PPO_UPDATE=3"], nb)
     with pytest.raises(SystemExit, match="not a Python literal"):

@@ -278,7 +278,7 @@ def _cache_argument(model_class) -> str:
 
 
 def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden: bool = False, cache=None,
-               use_cache: bool = False, only: torch.Tensor | None = None):
+               use_cache: bool = False, only: torch.Tensor | None = None, layer: int | None = None):
     """One call of the causal LM's own `forward`: logits only at the positions in `keep`, and optionally the
     final hidden states. Returns (logits (B, K, V), hidden (B, T, H) or None, cache or None).
 
@@ -291,6 +291,8 @@ def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden
     only: the 1-D positions of the T inputs whose outputs the caller reads (`keep` must be among them);
     `hidden` is then (B, K, H) at those positions, and with the speed layer on the last block's MLP runs there
     only (labkit/speed/last_mlp.py).
+    layer: the hidden states returned are `output_hidden_states[layer]` (0: the embeddings, L: block L's output)
+    instead of the final ones (None).
     """
     base = unwrap(model)
     cache_arg = _cache_argument(type(base))
@@ -300,7 +302,7 @@ def lm_forward(model, input_ids, attention_mask, position_ids, keep, want_hidden
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
                    logits_to_keep=keep, output_hidden_states=want_hidden, **extra)
     new_cache = (out.cache if cache_arg == "cache" else out.past_key_values) if use_cache else None
-    hidden = out.hidden_states[-1] if want_hidden else None
+    hidden = out.hidden_states[-1 if layer is None else layer] if want_hidden else None
     if hidden is not None and only is not None:
         hidden = hidden[:, only]
     return out.logits, hidden, new_cache

@@ -22,8 +22,15 @@ def test_last_final_feature_is_what_the_reward_model_reads(tiny):
     feats = reward_features.hidden_features(unwrap(model), query, response, [n])
     rm = reward_model_from_lm(model, tok, seed=0)
     with torch.no_grad():
-        h = rm.last_hidden(*rm.pad([query], [response]))[0]
+        h = rm.hidden_features(*rm.pad([query], [response]))[0]
     torch.testing.assert_close(feats[f"last@{n}"], h.float(), rtol=1e-4, atol=1e-5)
+    for layer in range(n + 1):  # and the other features are the ones the reward model reads when told to
+        feats = reward_features.hidden_features(unwrap(model), query, response, [layer])
+        for pool in ("last", "mean"):
+            rm = reward_model_from_lm(model, tok, seed=0, pool=pool, layer=layer)
+            with torch.no_grad():
+                h = rm.hidden_features(*rm.pad([query], [response]))[0]
+            torch.testing.assert_close(feats[f"{pool}@{layer}"], h.float(), rtol=1e-4, atol=1e-5)
     # the mean runs over the response's tokens only
     hidden = unwrap(model)(input_ids=torch.tensor([query + response]), output_hidden_states=True).hidden_states[n][0]
     torch.testing.assert_close(feats[f"mean@{n}"], hidden[len(query):].mean(0).detach(), rtol=1e-5, atol=1e-6)

@@ -157,7 +157,7 @@ def test_query_format_is_saved_and_checked(tiny, tmp_path):
     rm.normalize(model, task, POSTS, n_samples=2, batch_size=2)
     rm.save(tmp_path / "rm")
     saved = json.loads((tmp_path / "rm" / "reward_config.json").read_text())
-    assert saved["version"] == 3 and saved["query_format"] == query_format_ids(task, tok)
+    assert saved["version"] == 4 and saved["query_format"] == query_format_ids(task, tok)
     loaded = RewardModel.load(tmp_path / "rm")
     assert loaded.query_format == rm.query_format
     loaded.check_fits(task, tok, model)

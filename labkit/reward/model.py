@@ -16,6 +16,13 @@ Following the released code of Ziegler et al. (2019), rewards.py RewardModelTrai
   Departure: the released code also TRAINS gain and bias between the two normalisations (they are in
   RewardModelTrainer.get_params); labkit keeps them fixed while training. The second normalisation rescales
   either way, so this changes only the training dynamics of one scalar (its effective learning rate).
+Departure, opt-in (`pool`, `layer`): r can read, instead of the last token's final hidden state, the mean of a
+hidden layer's states over the response's tokens, e.g. `pool="mean", layer=15` on SmolLM2's 30 blocks. The released
+reward model reads only the former (rewards.py RewardModelTrainer: `lm_output['hidden'][:, -1]` under the head). With
+the trunk frozen and a head fitted on a hundred labels (RewardConfig.head_l2), the head can only use what the
+features already hold, and on the quickstart's mock sentiment labels a middle layer's response mean held more of it
+(benchmarks/reward_features.py: 5-fold accuracy and correlation with VADER, results in reward_features.jsonl).
+The default stays the released one.
 Saved without pickle: safetensors for weights, JSON for the config, and the training's metrics as
 metrics.jsonl (`history`), so that a notebook that loads the model can still show how it trained.
 """
@@ -37,7 +44,10 @@ from labkit.models import tokenizer_fingerprint
 from labkit.sampling import batch_slices, is_sharded, left_pad_mask, lm_forward, pad_left, positions, sample, unwrap
 from labkit.tasks import Task, format_query
 
-_VERSION = 3  # reward_config.json: 2 added the task and tokenizer, 3 the query format
+_VERSION = 4  # reward_config.json: 2 added the task and tokenizer, 3 the query format, 4 the pool and layer
+POOLS = ("last", "mean")
+"""What r reads of a layer's hidden states: the last real token's ("last", as released) or the mean over the
+response's tokens ("mean")."""
 
 
 def query_format_ids(task: Task, tokenizer) -> dict:
@@ -66,11 +76,24 @@ def reward_query(task: Task, tokenizer, query: list[int]) -> list[int]:
 
 
 class RewardModel(nn.Module):
-    """r(x, y) = gain * head(h_last) + bias on top of a causal LM's trunk (its vocabulary head is unused)."""
+    """r(x, y) = gain * head(h) + bias on top of a causal LM's trunk (its vocabulary head is unused); h is the
+    last token's final hidden state as released, or what `pool` and `layer` choose (the module docstring)."""
 
-    def __init__(self, lm, tokenizer, seed: int | None = None):
-        """seed: the head's init (None: torch's global RNG); refits pass one so that they are reproducible."""
+    def __init__(self, lm, tokenizer, seed: int | None = None, pool: str = "last", layer: int | None = None):
+        """seed: the head's init (None: torch's global RNG); refits pass one so that they are reproducible.
+        pool: "last" (the last real token's hidden state, as released) or "mean" (the mean over the response's
+        tokens; the query is read but not pooled).
+        layer: which hidden state: None, the final one after the last norm (as released); L, the output of block L
+        (0: the embeddings; the number of blocks: the final one)."""
         super().__init__()
+        n_blocks = lm.config.num_hidden_layers
+        if pool not in POOLS:
+            raise ValueError(f"pool={pool!r}: the reward model reads the hidden states' {' or '.join(POOLS)!s} "
+                             "(\"last\": the last token's, as released; \"mean\": the mean over the response)")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_blocks):
+            raise ValueError(f"layer={layer!r}: {type(lm).__name__} has hidden states 0 (the embeddings) to {n_blocks} "
+                             "(the final one, after the last norm); pass one of those, or None for the final one")
+        self.pool, self.layer = pool, layer
         self.lm = lm
         self.tokenizer = tokenizer
         d_model = lm.config.hidden_size
@@ -131,32 +154,48 @@ class RewardModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def trunk_hidden(self, input_ids, attention_mask, only: torch.Tensor | None = None):
-        """Final hidden states (B, T, H), or (B, K, H) at positions `only`: the LM's own forward with no logits
-        kept (see `lm_forward`)."""
+        """Hidden states of `self.layer` (B, T, H), or (B, K, H) at positions `only`: the LM's own forward with no
+        logits kept (see `lm_forward`)."""
         no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         return lm_forward(self.lm, input_ids, attention_mask, positions(attention_mask), no_logits, want_hidden=True,
-                          only=only)[1]
+                          only=only, layer=self.layer)[1]
 
     def raw(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
-        """head(h) at the last real token, (B,), before gain and bias.
+        """head(h), (B,), before gain and bias.
 
         query_ids (B, Q) left-padded; response_ids (B, R) right-padded after `response_lengths` tokens.
         """
-        h = self.last_hidden(query_ids, query_lengths, response_ids, response_lengths)
+        h = self.hidden_features(query_ids, query_lengths, response_ids, response_lengths)
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # h is bf16 under autocast
 
-    def last_hidden(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
-        """The final hidden state at the last real token of each query + response (B, H): what the head reads."""
+    def _reads(self, start: int, R: int, response_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The positions whose hidden states the features need, (K,) sorted, for responses that start at position
+        `start` of the input and are R long; and, when pooling "last", each row's index into them (B,)."""
+        if self.pool == "mean":
+            return torch.arange(start, start + R, device=response_lengths.device), None
+        last = start + response_lengths - 1  # the last real token, not the first pad after it
+        read = torch.unique(last)  # (K,) sorted: the positions some row is scored at
+        return read, torch.searchsorted(read, last)
+
+    def _pooled(self, hidden: torch.Tensor, pick: torch.Tensor | None, response_lengths: torch.Tensor) -> torch.Tensor:
+        """(B, K, H) hidden states at `_reads`' positions -> (B, H): each row's own last token, or its response's
+        mean (the pads after `response_lengths` left out)."""
+        if self.pool == "last":
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), pick]
+        return response_mean(hidden, response_lengths)
+
+    def hidden_features(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
+        """What the head reads of each query + response (B, H): as released, the final hidden state at the last
+        real token; `pool` and `layer` choose otherwise."""
         B, Q = query_ids.shape
         R = response_ids.shape[1]
         if (response_lengths < 1).any():
             raise ValueError("Every response needs at least one token to be scored.")
         resp_mask = (torch.arange(R, device=response_ids.device)[None] < response_lengths[:, None]).long()
         mask = torch.cat([left_pad_mask(query_lengths, Q), resp_mask], dim=1)  # (B, Q+R)
-        last = Q + response_lengths - 1  # the last real token, not the first pad after it
-        read = torch.unique(last)  # (K,) sorted: the positions some row is scored at
+        read, pick = self._reads(Q, R, response_lengths)
         hidden = self.trunk_hidden(torch.cat([query_ids, response_ids], 1), mask, only=read)  # (B, K, H)
-        return hidden[torch.arange(B, device=hidden.device), torch.searchsorted(read, last)]  # (B, H)
+        return self._pooled(hidden, pick, response_lengths)  # (B, H)
 
     def forward(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
         return self.gain * self.raw(query_ids, query_lengths, response_ids, response_lengths) + self.bias
@@ -180,7 +219,7 @@ class RewardModel(nn.Module):
         return (self.gain * raw + self.bias).view(B, k)
 
     def kway_hidden(self, query_ids, query_lengths, response_ids, response_lengths) -> torch.Tensor:
-        """`last_hidden` of k responses to each of B queries (B*k, H), laid out and computed as `kway` describes."""
+        """`hidden_features` of k responses to each of B queries (B*k, H), laid out and computed as `kway` describes."""
         B, Q = query_ids.shape
         k, R = response_ids.shape[0] // B, response_ids.shape[1]
         if response_ids.shape[0] != B * k:
@@ -189,7 +228,7 @@ class RewardModel(nn.Module):
             raise ValueError("Every response needs at least one token to be scored.")
         if is_sharded(self.lm):
             q_ids, q_len = query_ids.repeat_interleave(k, dim=0), query_lengths.repeat_interleave(k)
-            return self.last_hidden(q_ids, q_len, response_ids, response_lengths)
+            return self.hidden_features(q_ids, q_len, response_ids, response_lengths)
         no_logits = torch.zeros(0, dtype=torch.long, device=query_ids.device)
         q_mask = left_pad_mask(query_lengths, Q)  # (B, Q)
         _, _, cache = lm_forward(self.lm, query_ids, q_mask, positions(q_mask), no_logits, use_cache=True,
@@ -198,10 +237,10 @@ class RewardModel(nn.Module):
         r_mask = (torch.arange(R, device=response_ids.device)[None] < response_lengths[:, None]).long()
         mask = torch.cat([q_mask.repeat_interleave(k, dim=0), r_mask], dim=1)  # (B*k, Q+R)
         pos = query_lengths.repeat_interleave(k)[:, None] + torch.arange(R, device=response_ids.device)[None]  # (B*k, R)
-        read = torch.unique(response_lengths - 1)  # (K,) sorted: the positions some response is scored at
+        read, pick = self._reads(0, R, response_lengths)
         _, hidden, _ = lm_forward(self.lm, response_ids, mask, pos, no_logits, want_hidden=True, cache=cache, use_cache=True,
-                                  only=read)  # (B*k, K, H)
-        return hidden[torch.arange(B * k, device=hidden.device), torch.searchsorted(read, response_lengths - 1)]
+                                  only=read, layer=self.layer)  # (B*k, K, H)
+        return self._pooled(hidden, pick, response_lengths)  # (B*k, H)
 
     # ---- convenience scoring -----------------------------------------------------------------
 
@@ -326,7 +365,7 @@ class RewardModel(nn.Module):
         (folder / "reward_config.json").write_text(json.dumps({
             "format": "labkit-reward-model", "version": _VERSION, "gain": self.gain.item(), "bias": self.bias.item(),
             "task": self.task_name, "query_format": self.query_format, "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "trained_on": self.trained_on}))
+            "trained_on": self.trained_on, "pool": self.pool, "layer": self.layer}))
         _write_metrics(folder / METRICS_FILE, self.history)
         return folder
 
@@ -375,7 +414,7 @@ class RewardModel(nn.Module):
         speed.apply(lm, speedups)  # as load_lm does
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         _setup_tokenizer(tokenizer)
-        rm = cls(lm, tokenizer)
+        rm = cls(lm, tokenizer, pool=saved.get("pool", "last"), layer=saved.get("layer"))  # before version 4: as released
         rm.task_name = saved.get("task")  # None for a version-1 file: its task was not recorded
         rm.trained_on = saved.get("trained_on")  # None when saved before labkit recorded it
         rm.history = _read_metrics(folder / METRICS_FILE)
@@ -399,6 +438,9 @@ class RewardModel(nn.Module):
         counts = self.trained_on or {}
         l2 = self.history[-1].get("rm/head_l2")  # RewardConfig.head_l2: the head fitted alone, in L-BFGS rounds
         text = "trained" if l2 is None else f"head fitted on the frozen trunk (L2 {l2:g})"
+        if self.pool != "last" or self.layer is not None:
+            text += f", reading the {'response mean' if self.pool == 'mean' else 'last token'} of " + (
+                "the final hidden state" if self.layer is None else f"hidden state {self.layer}")
         if counts.get("comparisons") is not None:
             text += f" on {counts['comparisons']} comparisons"
             if counts.get("heldout"):
@@ -445,9 +487,17 @@ def _read_metrics(path: Path) -> list[dict]:
     return [row for row in rows if isinstance(row, dict)]
 
 
-def reward_model_from_lm(lm, tokenizer, seed: int | None = None) -> RewardModel:
+def response_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, R, H) hidden states of right-padded responses -> (B, H) float32: the mean over each row's first
+    `lengths` (B,) positions, summed in float32 (the states are bf16 under autocast)."""
+    keep = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).float()  # (B, R)
+    return (hidden.float() * keep[..., None]).sum(1) / lengths[:, None].float()
+
+
+def reward_model_from_lm(lm, tokenizer, seed: int | None = None, pool: str = "last",
+                         layer: int | None = None) -> RewardModel:
     """A fresh reward model (new head, drawn from `seed`) on a copy of `lm`: the paper re-initialises from rho
-    on every refit."""
+    on every refit. pool and layer: what the head reads (`RewardModel`; default: as released)."""
     import copy
 
-    return RewardModel(copy.deepcopy(lm), tokenizer, seed=seed)
+    return RewardModel(copy.deepcopy(lm), tokenizer, seed=seed, pool=pool, layer=layer)

@@ -13,7 +13,8 @@ baselines' PPO2):
 Value function (labkit/rl/value.py): `value_model="shared"` (default) is the released code's zero-initialised
 scalar head on the policy's own trunk: one forward pass gives log-probs and values, and no second model is
 held. `value_model="separate"` is TRL/OpenRLHF's design: a separate trunk initialised from the reward model
-(from rho with a zero head when the reward is a plain callable). The shared head is the default because it
+(from rho with a zero head when the reward is a plain callable, and with a zero head on the reward model's trunk
+when that head reads other features than each position's final hidden state: RewardModel's pool and layer). The shared head is the default because it
 is the paper's code and costs half the compute and memory on a CPU.
 
 Multi-process runs touch this file in three places only: `distributed.prepare` at construction, the
@@ -169,9 +170,11 @@ class PPOTrainer:
         self.value_head, self.value_model = None, None
         if cfg.value_model == "shared":
             self.value_head = ValueHead(d_model, device=self.device, dtype=p0.dtype)
-        elif isinstance(reward, RewardModel):
+        elif isinstance(reward, RewardModel) and reward.pool == "last" and reward.layer is None:
             self.value_model = SeparateValueModel(copy.deepcopy(reward.lm), copy.deepcopy(reward.head),
                                                   reward.gain.item(), reward.bias.item())
+        elif isinstance(reward, RewardModel):  # its head reads other features than each position's final state
+            self.value_model = SeparateValueModel(copy.deepcopy(reward.lm), ValueHead(d_model, self.device, p0.dtype).linear)
         else:
             self.value_model = SeparateValueModel(copy.deepcopy(unwrap(policy)), ValueHead(d_model, self.device, p0.dtype).linear)
         if self.value_model is not None:

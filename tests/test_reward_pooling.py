@@ -115,8 +115,8 @@ def test_a_head_fitted_on_mean_features_learns_and_says_what_it_reads(tiny):
     hist = RewardTrainer(rm, RewardConfig(head_l2=0.01, batch_size=16, heldout_fraction=0.2)).fit(examples, progress=False)
     assert all(math.isfinite(m["rm/loss"]) for m in hist) and hist[-1]["rm/heldout_accuracy"] >= 0.75
     assert all(torch.equal(p, trunk[n]) for n, p in rm.lm.named_parameters())
-    assert rm.training_summary().startswith("head fitted on the frozen trunk (L2 0.01), reading the response mean of "
-                                            "hidden state 1 on 48 comparisons (12 held out)")
+    assert rm.training_summary().startswith("head fitted on the frozen trunk (L2 0.01; reads the response mean of "
+                                            "hidden state 1) on 48 comparisons (12 held out)")
     # the scores PPO reads are the fitted ones
     with torch.no_grad():
         r = rm.score_texts(["Query 0."] * 2, [" happy happy happy", " the table window"])

@@ -437,10 +437,14 @@ class RewardModel(nn.Module):
             return "no training metrics were kept with it (saved before labkit kept them, or never trained)"
         counts = self.trained_on or {}
         l2 = self.history[-1].get("rm/head_l2")  # RewardConfig.head_l2: the head fitted alone, in L-BFGS rounds
-        text = "trained" if l2 is None else f"head fitted on the frozen trunk (L2 {l2:g})"
+        reads = []  # what the head reads, where it is not the released last token's final hidden state
         if self.pool != "last" or self.layer is not None:
-            text += f", reading the {'response mean' if self.pool == 'mean' else 'last token'} of " + (
-                "the final hidden state" if self.layer is None else f"hidden state {self.layer}")
+            reads = [f"reads the {'response mean' if self.pool == 'mean' else 'last token'} of "
+                     + ("the final hidden state" if self.layer is None else f"hidden state {self.layer}")]
+        if l2 is None:
+            text = "trained" + (f" ({reads[0]})" if reads else "")
+        else:
+            text = f"head fitted on the frozen trunk ({'; '.join([f'L2 {l2:g}'] + reads)})"
         if counts.get("comparisons") is not None:
             text += f" on {counts['comparisons']} comparisons"
             if counts.get("heldout"):

@@ -70,6 +70,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
         nb2 = execute(tmp_path / path.name, tmp_path)
         text = "".join(o.get("text", "") for c in nb2.cells if c.cell_type == "code" for o in c.outputs)
         assert "Resumed from" in text and "loaded the saved reward model" in text
-        # its training, saved with it, is summarised on load: 8 comparisons, one held out, the head fitted alone
-        assert re.search(r"head fitted on the frozen trunk \(L2 1\) on 7 comparisons \(1 held out\) in \d+ L-BFGS "
-                         r"rounds?: held-out accuracy", text), text
+        # its training, saved with it, is summarised on load: 8 comparisons, one held out, the head fitted alone on
+        # the response mean of a middle layer (RM_POOL, RM_LAYER; the tiny model has 2 blocks)
+        assert re.search(r"head fitted on the frozen trunk \(L2 1; reads the response mean of hidden state 1\) on 7 "
+                         r"comparisons \(1 held out\) in \d+ L-BFGS rounds?: held-out accuracy", text), text

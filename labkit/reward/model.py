@@ -18,7 +18,7 @@ Following the released code of Ziegler et al. (2019), rewards.py RewardModelTrai
   either way, so this changes only the training dynamics of one scalar (its effective learning rate).
 Departure, opt-in (`pool`, `layer`): r can read, instead of the last token's final hidden state, the mean of a
 hidden layer's states over the response's tokens, e.g. `pool="mean", layer=15` on SmolLM2's 30 blocks. The released
-reward model reads only the former (rewards.py RewardModelTrainer: `lm_output['hidden'][:, -1]` under the head). With
+reward model reads only the former (rewards.py RewardModelTrainer._build: `lm_output['reward'][:, -1]`, the scalar head at the last position). With
 the trunk frozen and a head fitted on a hundred labels (RewardConfig.head_l2), the head can only use what the
 features already hold, and on the quickstart's mock sentiment labels a middle layer's response mean held more of it
 (benchmarks/reward_features.py: 5-fold accuracy and correlation with VADER, results in reward_features.jsonl).

@@ -88,6 +88,10 @@ def test_save_and_load_keep_what_the_head_reads(tiny, tmp_path):
     (tmp_path / "rm" / "reward_config.json").write_text(json.dumps(saved))
     old = RewardModel.load(tmp_path / "rm", device="cpu")
     assert (old.pool, old.layer) == ("last", None)
+    # a damaged file is refused with what to do, not loaded with another reading
+    (tmp_path / "rm" / "reward_config.json").write_text(json.dumps({**saved, "version": 4, "pool": "mean", "layer": 7}))
+    with pytest.raises(ValueError, match="reward_config.json is damaged: layer=7.*train and save the reward model again"):
+        RewardModel.load(tmp_path / "rm", device="cpu")
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -414,7 +414,10 @@ class RewardModel(nn.Module):
         speed.apply(lm, speedups)  # as load_lm does
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         _setup_tokenizer(tokenizer)
-        rm = cls(lm, tokenizer, pool=saved.get("pool", "last"), layer=saved.get("layer"))  # before version 4: as released
+        try:  # before version 4: as released
+            rm = cls(lm, tokenizer, pool=saved.get("pool", "last"), layer=saved.get("layer"))
+        except ValueError as err:
+            raise ValueError(f"{meta} is damaged: {err}. Restore it, or train and save the reward model again.") from None
         rm.task_name = saved.get("task")  # None for a version-1 file: its task was not recorded
         rm.trained_on = saved.get("trained_on")  # None when saved before labkit recorded it
         rm.history = _read_metrics(folder / METRICS_FILE)

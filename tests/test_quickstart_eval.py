@@ -1,0 +1,50 @@
+"""benchmarks/quickstart_eval.py resumes a kept quickstart run and measures pi against rho on more samples: its
+first sample is the notebook's own evaluation, so the two cannot drift apart (run on the tiny model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quickstart  # noqa: E402
+import quickstart_eval  # noqa: E402
+
+
+def test_per_prompt_means_average_each_prompts_samples():
+    values = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0]  # 3 prompts x 2 samples, sample-major
+    assert quickstart_eval.per_prompt_means(values, 3, 2) == [3.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="6 values for 4 prompts x 2 samples"):
+        quickstart_eval.per_prompt_means(values, 4, 2)
+
+
+def test_refuses_a_folder_that_is_not_a_kept_run(tmp_path):
+    with pytest.raises(SystemExit, match="not a kept quickstart lab folder"):
+        quickstart_eval.main([str(tmp_path), "--model", "tiny"])
+
+
+@pytest.mark.slow
+def test_its_first_sample_is_the_notebooks_evaluation_and_more_samples_average(tmp_path):
+    lab = tmp_path / "lab"
+    run = quickstart.main(["--smoke", "--keep", str(lab)])
+    effect = json.loads((lab / "effect.json").read_text())
+    (one,) = quickstart_eval.main([str(lab), "--model", "tiny", "--samples", "1", "--max-prompts",
+                                   str(run["n_eval"])])["results"]
+    # seed 0 on the notebook's prompts: the very samples its last cell scored
+    for key in ("vader_rho", "vader_pi", "diff", "low", "high", "score_diff"):
+        assert math.isclose(one[key], effect[key], abs_tol=1e-9), key
+    assert one["updates"] == effect["updates"] and math.isclose(one["kl"], effect["kl"])
+    out = quickstart_eval.main([str(lab), "--model", "tiny", "--samples", "3", "--max-prompts", "6", "--name", "t"])
+    (three,) = out["results"]
+    assert out["name"] == "t" and three["samples"] == 3 and three["prompts"] == 6
+    assert three["reads"] == {"pool": "mean", "layer": 1}  # the quickstart's reward model, as saved
+    for key in ("vader_rho", "vader_pi", "diff", "low", "high", "score_diff", "kl"):
+        assert math.isfinite(three[key]), key
+    assert three["low"] <= three["diff"] <= three["high"]
+    assert abs(three["diff"] - (three["vader_pi"] - three["vader_rho"])) < 1e-9

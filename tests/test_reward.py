@@ -8,6 +8,17 @@ from labkit.sampling import pad_left
 from labkit.tasks import SENTIMENT
 
 
+def happy_examples(n: int) -> list[KWayExample]:
+    """n 4-way comparisons whose best response (index i % 4) always says ' happy'; the others are two plain words."""
+    words = ["table", "window", "river", "stone", "paper", "green", "seven"]
+    examples = []
+    for i in range(n):
+        resp = [f" the {words[(i + j) % 7]} {words[(i * 3 + j) % 7]}" for j in range(4)]
+        resp[i % 4] = " happy happy happy"
+        examples.append(KWayExample(f"Query {i}.", resp, i % 4))
+    return examples
+
+
 def test_head_init_and_gain_bias(tiny):
     model, tok = tiny
     rm = reward_model_from_lm(model, tok)
@@ -57,8 +68,8 @@ def test_normalize_gives_mean_0_std_1_on_rho_samples(tiny):
     task = SENTIMENT.with_(response_length=6)
     prompts = ["It was late. The rain stopped. She waited.", "One. Two words here. And more."]
     rm.normalize(model, task, prompts, n_samples=16, seed=0)
-    from labkit.tasks import format_query
     from labkit.sampling import sample
+    from labkit.tasks import format_query
 
     gen = torch.Generator().manual_seed(0)
     import random
@@ -75,13 +86,7 @@ def test_training_learns_a_preference_and_reports_metrics(tiny):
     model, tok = tiny
     rm = reward_model_from_lm(model, tok)
     before = {n: p.detach().clone() for n, p in rm.named_parameters()}
-    words = ["table", "window", "river", "stone", "paper", "green", "seven"]
-    examples = []
-    for i in range(40):
-        resp = [f" the {words[(i + j) % 7]} {words[(i * 3 + j) % 7]}" for j in range(4)]
-        best = i % 4
-        resp[best] = " happy happy happy"
-        examples.append(KWayExample(f"Query {i}.", resp, best))
+    examples = happy_examples(40)
     trainer = RewardTrainer(rm, RewardConfig(lr=1e-3, batch_size=8, epochs=4, heldout_fraction=0.2, eval_every=5))
     hist = trainer.fit(examples, progress=False)
     assert all(math.isfinite(m["rm/loss"]) for m in hist)
@@ -182,16 +187,6 @@ def test_a_non_finite_gradient_stops_training_before_the_step_is_applied(tiny):
     assert all(torch.equal(p, before[n]) or torch.isnan(before[n]).any() for n, p in rm.named_parameters())
 
 
-def _happy_examples(n):
-    words = ["table", "window", "river", "stone"]
-    examples = []
-    for i in range(n):
-        resp = [f" the {words[(i + j) % 4]}" for j in range(4)]
-        resp[i % 4] = " happy happy"
-        examples.append(KWayExample(f"Query {i}.", resp, i % 4))
-    return examples
-
-
 def test_save_keeps_the_training_metrics_and_load_shows_them(tiny, tmp_path):
     """A notebook that loads the reward model instead of training it can still show its curves and results."""
     from labkit.widgets import Dashboard
@@ -199,7 +194,7 @@ def test_save_keeps_the_training_metrics_and_load_shows_them(tiny, tmp_path):
     model, tok = tiny
     rm = reward_model_from_lm(model, tok)
     trainer = RewardTrainer(rm, RewardConfig(lr=1e-3, batch_size=4, heldout_fraction=0.25, eval_every=2))
-    run = trainer.fit(_happy_examples(12), progress=False)
+    run = trainer.fit(happy_examples(12), progress=False)
     assert rm.history == run and rm.trained_on == {"comparisons": 9, "heldout": 3}
     rm.save(tmp_path / "rm")
 
@@ -239,7 +234,7 @@ def test_normalize_and_fit_show_progress_with_the_time_left(tiny, capsys):
     err = capsys.readouterr().err
     assert "normalizing r on rho's samples" in err and "8/8" in err and "<" in err  # "elapsed<remaining"
     rm.normalize(model, task, ["A prompt."], n_samples=8, batch_size=4, progress=False)
-    RewardTrainer(rm, RewardConfig(batch_size=4, heldout_fraction=0.0)).fit(_happy_examples(4), progress=False)
+    RewardTrainer(rm, RewardConfig(batch_size=4, heldout_fraction=0.0)).fit(happy_examples(4), progress=False)
     assert capsys.readouterr().err == ""
 
 
@@ -264,7 +259,7 @@ def test_train_layers_trains_only_the_top_blocks_the_final_norm_and_the_head(tin
     rm = reward_model_from_lm(lm, tok)
     before = {n: p.detach().clone() for n, p in rm.named_parameters()}
     RewardTrainer(rm, RewardConfig(lr=1e-2, batch_size=4, heldout_fraction=0.0, train_layers=1)).fit(
-        _happy_examples(8), progress=False)
+        happy_examples(8), progress=False)
     changed = {n for n, p in rm.named_parameters() if not torch.equal(p, before[n])}
     assert "head.weight" in changed
     assert any(n.startswith(f"lm.{top}") for n in changed) and any(n.startswith(f"lm.{norm}.") for n in changed)
@@ -273,7 +268,7 @@ def test_train_layers_trains_only_the_top_blocks_the_final_norm_and_the_head(tin
     assert all(p.grad is None for n, p in rm.named_parameters() if n.startswith(f"lm.{blocks}.0."))
 
     # None (the default, as released) trains every block again, also after a partial fit
-    RewardTrainer(rm, RewardConfig(lr=1e-2, batch_size=4, heldout_fraction=0.0)).fit(_happy_examples(8), progress=False)
+    RewardTrainer(rm, RewardConfig(lr=1e-2, batch_size=4, heldout_fraction=0.0)).fit(happy_examples(8), progress=False)
     assert all(not torch.equal(p, before[n]) for n, p in rm.named_parameters() if n.startswith(f"lm.{blocks}.0."))
 
 
@@ -284,7 +279,7 @@ def test_train_layers_is_refused_when_out_of_range(tiny):
     rm = reward_model_from_lm(model, tok)
     before = {n: p.detach().clone() for n, p in rm.named_parameters()}
     with pytest.raises(ValueError, match="transformer blocks"):
-        RewardTrainer(rm, RewardConfig(batch_size=4, train_layers=99)).fit(_happy_examples(8), progress=False)
+        RewardTrainer(rm, RewardConfig(batch_size=4, train_layers=99)).fit(happy_examples(8), progress=False)
     assert all(torch.equal(p, before[n]) for n, p in rm.named_parameters())
 
 
@@ -334,12 +329,7 @@ def test_head_fit_learns_a_preference_and_leaves_the_trunk_alone(tiny):
     rm.bias.fill_(0.3)
     trunk = {n: p.detach().clone() for n, p in rm.lm.named_parameters()}
     head = rm.head.weight.detach().clone()
-    words = ["table", "window", "river", "stone", "paper", "green", "seven"]
-    examples = []
-    for i in range(60):
-        resp = [f" the {words[(i + j) % 7]} {words[(i * 3 + j) % 7]}" for j in range(4)]
-        resp[i % 4] = " happy happy happy"
-        examples.append(KWayExample(f"Query {i}.", resp, i % 4))
+    examples = happy_examples(60)
     trainer = RewardTrainer(rm, RewardConfig(head_l2=0.01, batch_size=16, heldout_fraction=0.2))
     hist = trainer.fit(examples, progress=False)
     assert hist and all(math.isfinite(m["rm/loss"]) and "rm/heldout_accuracy" in m for m in hist)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from labkit.reward import KWayExample, RewardConfig, RewardModel, RewardTrainer, reward_model_from_lm
+from labkit.reward import RewardConfig, RewardModel, RewardTrainer, reward_model_from_lm
 from labkit.sampling import pad_left, unwrap
+from test_reward import happy_examples  # noqa: I001 (a sibling test module)
 
 
 def _batch(tok, g):
@@ -110,12 +111,7 @@ def test_a_head_fitted_on_mean_features_learns_and_says_what_it_reads(tiny):
     model, tok = tiny
     rm = reward_model_from_lm(model, tok, seed=0, pool="mean", layer=1)
     trunk = {n: p.detach().clone() for n, p in rm.lm.named_parameters()}
-    words = ["table", "window", "river", "stone", "paper", "green", "seven"]
-    examples = []
-    for i in range(60):
-        resp = [f" the {words[(i + j) % 7]} {words[(i * 3 + j) % 7]}" for j in range(4)]
-        resp[i % 4] = " happy happy happy"
-        examples.append(KWayExample(f"Query {i}.", resp, i % 4))
+    examples = happy_examples(60)
     hist = RewardTrainer(rm, RewardConfig(head_l2=0.01, batch_size=16, heldout_fraction=0.2)).fit(examples, progress=False)
     assert all(math.isfinite(m["rm/loss"]) for m in hist) and hist[-1]["rm/heldout_accuracy"] >= 0.75
     assert all(torch.equal(p, trunk[n]) for n, p in rm.lm.named_parameters())

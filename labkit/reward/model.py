@@ -18,11 +18,12 @@ Following the released code of Ziegler et al. (2019), rewards.py RewardModelTrai
   either way, so this changes only the training dynamics of one scalar (its effective learning rate).
 Departure, opt-in (`pool`, `layer`): r can read, instead of the last token's final hidden state, the mean of a
 hidden layer's states over the response's tokens, e.g. `pool="mean", layer=15` on SmolLM2's 30 blocks. The released
-reward model reads only the former (rewards.py RewardModelTrainer._build: `lm_output['reward'][:, -1]`, the scalar head at the last position). With
-the trunk frozen and a head fitted on a hundred labels (RewardConfig.head_l2), the head can only use what the
-features already hold, and on the quickstart's mock sentiment labels a middle layer's response mean held more of it
-(benchmarks/reward_features.py: 5-fold accuracy and correlation with VADER, results in reward_features.jsonl).
-The default stays the released one.
+reward model reads only the former (rewards.py RewardModelTrainer._build: `lm_output['reward'][:, -1]`, the scalar
+head at the last position). With the trunk frozen and a head fitted on a hundred labels (RewardConfig.head_l2), the
+head can only use what the features already hold, and on the quickstart's mock sentiment labels a middle layer's
+response mean held more of it (benchmarks/reward_features.py, and the VADER the policy gained:
+benchmarks/quickstart_eval.py). The default stays the released one. The blocks above `layer` still run (the LM's
+own forward, as every call in labkit), a small share of a PPO update's scoring.
 Saved without pickle: safetensors for weights, JSON for the config, and the training's metrics as
 metrics.jsonl (`history`), so that a notebook that loads the model can still show how it trained.
 """

@@ -14,8 +14,8 @@ Value function (labkit/rl/value.py): `value_model="shared"` (default) is the rel
 scalar head on the policy's own trunk: one forward pass gives log-probs and values, and no second model is
 held. `value_model="separate"` is TRL/OpenRLHF's design: a separate trunk initialised from the reward model
 (from rho with a zero head when the reward is a plain callable, and with a zero head on the reward model's trunk
-when that head reads other features than each position's final hidden state: RewardModel's pool and layer). The shared head is the default because it
-is the paper's code and costs half the compute and memory on a CPU.
+when that head reads other features than each position's final hidden state: RewardModel's pool and layer). The
+shared head is the default because it is the paper's code and costs half the compute and memory on a CPU.
 
 Multi-process runs touch this file in three places only: `distributed.prepare` at construction, the
 gradient all-reduce before each optimiser step, and the statistics the paper takes over the whole batch

@@ -23,7 +23,7 @@ head at the last position). With the trunk frozen and a head fitted on a hundred
 head can only use what the features already hold, and on the quickstart's mock sentiment labels a middle layer's
 response mean held more of it (benchmarks/reward_features.py, and the VADER the policy gained:
 benchmarks/quickstart_eval.py). The default stays the released one. The blocks above `layer` still run (the LM's
-own forward, as every call in labkit), a small share of a PPO update's scoring.
+own forward, as every call in labkit): with layer 15 of 30, about half of the scoring's compute is not needed.
 Saved without pickle: safetensors for weights, JSON for the config, and the training's metrics as
 metrics.jsonl (`history`), so that a notebook that loads the model can still show how it trained.
 """

@@ -6,7 +6,7 @@ The notebook's own evaluation (its last cell) samples each of the 47 held-out pr
 the VADER difference is about +-0.15, wider than the differences between the settings one wants to compare. Here
 sample s of every prompt is drawn with seed s for both rho and pi (seed 0 is the notebook's sample), each prompt's
 samples are averaged, and the paired difference and its interval run over the prompts
-(labkit.evaluate.paired_difference), so that a prompt's own spread does not count as evidence. One JSON line per
+(labkit.evaluate.before_after), so that a prompt's own spread does not count as evidence. One JSON line per
 run: VADER of rho and pi, their difference with its interval, the reward model's score difference, the
 correlation of the reward model with VADER on the samples with a truncation point, and KL of the final update.
 The last line (all runs) lands in benchmarks/results/quickstart_eval.jsonl.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,17 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import emit  # noqa: E402
 
 
-def per_prompt_means(values: list[float], n_prompts: int, samples: int) -> list[float]:
-    """Values laid out sample-major (sample s of prompt p at s * n_prompts + p) -> each prompt's mean, (n_prompts,)."""
-    if len(values) != n_prompts * samples:
-        raise ValueError(f"{len(values)} values for {n_prompts} prompts x {samples} samples")
-    return [statistics.fmean(values[s * n_prompts + p] for s in range(samples)) for p in range(n_prompts)]
-
-
 def evaluate_run(run: Path, model: str, task_name: str, samples: int, max_prompts: int | None) -> dict:
     """Resume `run`'s final PPO checkpoint and measure pi against rho (module docstring)."""
     from labkit.data import load_prompts
-    from labkit.evaluate import paired_difference
+    from labkit.evaluate import before_after
     from labkit.labeling.labelers import VaderLabeler
     from labkit.models import load_lm
     from labkit.reward import RewardModel
@@ -68,25 +60,14 @@ def evaluate_run(run: Path, model: str, task_name: str, samples: int, max_prompt
     if trainer.step_count != saved["step"]:
         raise SystemExit(f"{run}: resumed at update {trainer.step_count}, but its latest checkpoint is {saved['step']}")
     texts = [p.text for p in load_prompts(task, "validation")][:max_prompts]
-    vader = VaderLabeler()
-    v_rho, v_pi, r_rho, r_pi, pairs = [], [], [], [], []
-    for s in range(samples):  # sample s of every prompt: the same seed for rho and pi
-        before, after = trainer.sample_rho(texts, seed=s), trainer.sample_policy(texts, seed=s)
-        for roll, v_out, r_out in ((before, v_rho, r_rho), (after, v_pi, r_pi)):
-            v, r = vader.score(roll.response_texts), trainer.score(roll).tolist()
-            v_out += v
-            r_out += r
-            pairs += [(a, b) for a, b, ok in zip(r, v, roll.found.tolist()) if ok]
-    n = len(texts)
-    effect = paired_difference(per_prompt_means(v_rho, n, samples), per_prompt_means(v_pi, n, samples))
-    learned = paired_difference(per_prompt_means(r_rho, n, samples), per_prompt_means(r_pi, n, samples))
-    corr = statistics.correlation(*zip(*pairs)) if len(pairs) > 2 else float("nan")
+    result = before_after(trainer, texts, VaderLabeler().score, samples=samples)
+    effect, learned = result["effect"], result["learned"]
     return {"run": str(run), "reward_model": reward_model.training_summary(),
             "reads": {"pool": reward_model.pool, "layer": reward_model.layer}, "updates": trainer.step_count,
-            "kl": trainer.history[-1]["objective/kl"], "prompts": n, "samples": samples,
+            "kl": trainer.history[-1]["objective/kl"], "prompts": len(texts), "samples": samples,
             "vader_rho": effect["before"], "vader_pi": effect["after"], "diff": effect["diff"],
             "low": effect["low"], "high": effect["high"], "score_diff": learned["diff"], "score_low": learned["low"],
-            "score_high": learned["high"], "rm_vader_corr": corr}
+            "score_high": learned["high"], "rm_vader_corr": result["agreement"]}
 
 
 def main(argv=None):

@@ -8,14 +8,16 @@ tokens (`mean@L`); the final layer is after the final norm, as the reward model 
 each --l2 it prints one JSON line:
 
 - `cv_accuracy`: 5-fold cross-validated 4-way accuracy of the fitted head on the labeled comparisons (chance 0.25);
-- `vader_corr`: Pearson correlation of the head fitted on all labels with VADER (the mock labeler's own score) on
-  --vader-samples rho samples of the validation prompts, what PPO will climb.
+- `judge_corr`: Pearson correlation of the head fitted on all labels with the mock labeler's own score on
+  --probe-samples rho samples of the validation prompts, what PPO will climb: VADER for --task sentiment, the
+  descriptiveness heuristic for --task descriptiveness (lines recorded before --task existed call it `vader_corr`).
 
 The last line, the summary, lands in benchmarks/results/reward_features.jsonl. A research question rather than a
 setting: labkit's reward model reads `last@<final>` only.
 
     python benchmarks/quickstart.py --keep runs/qs-lab        # the quickstart's labels (runs/qs-lab/labels.db)
     python benchmarks/reward_features.py runs/qs-lab/labels.db
+    python benchmarks/reward_features.py runs/descriptiveness/labels.db --task descriptiveness   # 02's labels
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import emit  # noqa: E402
-from reward_sweep import vader_probe  # noqa: E402
+from reward_sweep import judged_probe  # noqa: E402
+
+# each task's mock labeler (labkit.labeling.labelers) and the name its score goes by: what PPO will climb, so what
+# the reward model should agree with
+JUDGES = {"sentiment": ("VADER", "VaderLabeler"), "descriptiveness": ("descriptiveness", "DescriptivenessLabeler")}
 
 
 @torch.no_grad()
@@ -64,26 +70,29 @@ def cv_accuracy(x: torch.Tensor, best: torch.Tensor, l2: float, folds: int = 5) 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("labels", help="a label store (labels.db) with labeled 4-way sentiment comparisons")
+    p.add_argument("labels", help="a label store (labels.db) with labeled 4-way comparisons of --task")
+    p.add_argument("--task", choices=sorted(JUDGES), default="sentiment")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="hidden-state layers to read (default: the middle, two thirds up, and the final one)")
     p.add_argument("--l2", type=float, nargs="+", default=[0.3, 1.0, 3.0])
-    p.add_argument("--vader-samples", type=int, default=128)
+    p.add_argument("--probe-samples", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if not Path(args.labels).exists():
         raise SystemExit(f"{args.labels} does not exist: run benchmarks/quickstart.py --keep DIR first")
     torch.set_num_threads(args.threads)
 
+    from labkit.labeling import labelers
     from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
     from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
     from labkit.reward.train import fit_linear_head
     from labkit.sampling import unwrap
-    from labkit.tasks import SENTIMENT
+    from labkit.tasks import get_task
 
     t0 = time.time()
+    task = get_task(args.task)
     rho, tok = load_lm(args.model)
     rho.requires_grad_(False)
     n_layers = rho.config.num_hidden_layers
@@ -92,9 +101,9 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"--layers {bad}: {args.model} has hidden states 0..{n_layers}")
     with LabelStore(args.labels) as store:
-        examples = [ex for ex in examples_from_store(store, SENTIMENT, kind="train") if len(ex.responses) == 4]
+        examples = [ex for ex in examples_from_store(store, task, kind="train") if len(ex.responses) == 4]
     if len(examples) < 10:
-        raise SystemExit(f"{args.labels} holds {len(examples)} labeled 4-way sentiment comparisons; 5 folds need 10")
+        raise SystemExit(f"{args.labels} holds {len(examples)} labeled 4-way {task.name} comparisons; 5 folds need 10")
     rm = reward_model_from_lm(rho, tok)  # only for the ids the reward model reads (the query without its format)
     reads = RewardTrainer(rm, RewardConfig(head_l2=1.0))._tokens
     base = unwrap(rho)
@@ -110,25 +119,26 @@ def main(argv=None):
     x = {n: torch.stack([torch.stack([f[n] for f in row]) for row in rows]) for n in names}  # (N, 4, H)
     best = torch.tensor([ex.best for ex in examples])
 
-    roll, vader = vader_probe(rho, tok, SENTIMENT, args.vader_samples)
+    judge_name, labeler = JUDGES[args.task]
+    roll, judged = judged_probe(rho, tok, task, args.probe_samples, getattr(labelers, labeler)().score)
     q_ids, q_len = rm.reward_queries(roll.query_ids, roll.query_lengths)
     probe = []
     for i in range(len(roll)):
         n = int(roll.truncated_lengths[i])
         probe.append(feats(q_ids[i, q_ids.shape[1] - int(q_len[i]):].tolist(), roll.truncated_ids[i, :n].tolist()))
-    px = {n: torch.stack([f[n] for f in probe]) for n in names}  # (vader_samples, H)
+    px = {n: torch.stack([f[n] for f in probe]) for n in names}  # (probe_samples, H)
 
     results = []
     for l2 in args.l2:
         for n in names:
             w, _ = fit_linear_head({4: x[n]}, {4: best}, l2)
             line = {"features": n, "l2": l2, "cv_accuracy": round(cv_accuracy(x[n], best, l2), 3),
-                    "vader_corr": round(statistics.correlation((px[n] @ w).tolist(), list(vader)), 3)}
+                    "judge_corr": round(statistics.correlation((px[n] @ w).tolist(), list(judged)), 3)}
             print(json.dumps(line), flush=True)
             results.append(line)
-    return emit({"benchmark": "reward_features", "labels": str(args.labels), "model": args.model,
-                 "n_labels": len(examples), "vader_samples": args.vader_samples, "reads_now": f"last@{n_layers}",
-                 "results": results, "seconds": round(time.time() - t0, 1)})
+    return emit({"benchmark": "reward_features", "labels": str(args.labels), "model": args.model, "task": task.name,
+                 "judge": judge_name, "n_labels": len(examples), "probe_samples": args.probe_samples,
+                 "reads_now": f"last@{n_layers}", "results": results, "seconds": round(time.time() - t0, 1)})
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from labkit.data import load_prompts
+    from labkit.labeling.labelers import VaderLabeler
     from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
     from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
@@ -94,7 +95,7 @@ def main(argv=None):
         examples = examples_from_store(store, SENTIMENT, kind="train")[: args.n_labels]  # on the stored token ids
     if not examples:
         raise SystemExit(f"{args.labels} holds no labeled sentiment comparisons")
-    probe = vader_probe(rho, tok, SENTIMENT, args.vader_samples) if args.vader_samples else None
+    probe = judged_probe(rho, tok, SENTIMENT, args.vader_samples, VaderLabeler().score) if args.vader_samples else None
 
     accuracies: dict[str, list[float]] = {}
     correlations: dict[str, list[float]] = {}
@@ -134,17 +135,17 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def vader_probe(rho, tok, task, n: int):
-    """n rho samples on the validation prompts (seed 0) and their VADER scores: one fixed probe for every setting."""
+def judged_probe(rho, tok, task, n: int, score):
+    """n rho samples on the validation prompts (seed 0) and `score` of each (a mock labeler's: VADER for sentiment):
+    one fixed probe for every setting."""
     from labkit.data import load_prompts
-    from labkit.labeling.labelers import VaderLabeler
     from labkit.sampling import sample
     from labkit.tasks import format_query
 
     prompts = [p.text for p in load_prompts(task, "validation")]
     queries = [format_query(task, prompts[i % len(prompts)], tok) for i in range(n)]
     roll = sample(rho, tok, queries, task, generator=torch.Generator(device=rho.device).manual_seed(0), batch_size=32)
-    return roll, VaderLabeler().score(roll.response_texts)
+    return roll, score(roll.response_texts)
 
 
 @torch.no_grad()

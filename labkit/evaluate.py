@@ -12,13 +12,15 @@ What the paper measured (Ziegler et al. 2019, section 4.2 and appendix):
 - Human preference rates of one model over another (e.g. fine-tuned preferred to zero-shot 88% of the
   time on sentiment), which we report with a Wilson score interval.
 
-Everything here is a pure function of strings and numbers; no torch. plotly is imported only by
-`frontier_figure`; tqdm only by `rouge`, for its progress bar.
+Everything here is a pure function of strings and numbers, except `before_after`, which samples through a
+PPOTrainer; no torch import. plotly is imported only by `frontier_figure`; tqdm only by `rouge`, for its progress
+bar.
 """
 
 import html
 import math
 import re
+import statistics
 import string
 from statistics import NormalDist
 
@@ -213,6 +215,60 @@ def paired_difference(before: list[float], after: list[float], confidence: float
             "high": mean + half_width, "n": n}
 
 
+def per_prompt_means(values: list[float], n_prompts: int, samples: int) -> list[float]:
+    """Values laid out sample-major (sample s of prompt p at s * n_prompts + p) -> each prompt's mean, (n_prompts,)."""
+    if len(values) != n_prompts * samples:
+        raise ValueError(f"{len(values)} values for {n_prompts} prompts x {samples} samples")
+    return [sum(values[s * n_prompts + p] for s in range(samples)) / samples for p in range(n_prompts)]
+
+
+def before_after(trainer, prompts: list[str], score, samples: int = 1) -> dict:
+    """What PPO changed, on held-out prompts: rho and pi each continue every prompt `samples` times, sample s of
+    every prompt with seed s for both (so pi == rho would give the very same texts), and `score` (texts -> one float
+    each, e.g. a mock labeler's `score`) judges them. The paired differences run over the prompts, each prompt's
+    samples averaged first, so a prompt's own spread does not count as evidence (`paired_difference`).
+
+    Returns {"before", "after": one Rollout per seed (rho's, pi's), "score_rho", "score_pi": `score` of each sample,
+    sample-major, "rm_rho", "rm_pi": the trainer's own score of each (what PPO maximised, penalty included),
+    "effect": paired_difference of `score`, "learned": the same of the trainer's score, "agreement": Pearson
+    correlation of the two scores on the samples with a truncation point (where both judge the same text; nan
+    below 3 such samples or when one is constant), "found_rho", "found_pi": the fractions with a truncation
+    point}."""
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    out = {key: [] for key in ("before", "after", "score_rho", "score_pi", "rm_rho", "rm_pi")}
+    pairs, found = [], {"rho": [], "pi": []}
+    for seed in range(samples):
+        rolls = {"rho": trainer.sample_rho(prompts, seed=seed), "pi": trainer.sample_policy(prompts, seed=seed)}
+        for name, roll in rolls.items():
+            judged, rm, ok = list(score(roll.response_texts)), trainer.score(roll).tolist(), roll.found.tolist()
+            if len(judged) != len(roll):
+                raise ValueError(f"score returned {len(judged)} values for {len(roll)} texts: it must give one each")
+            out["before" if name == "rho" else "after"].append(roll)
+            out[f"score_{name}"] += judged
+            out[f"rm_{name}"] += rm
+            found[name] += ok
+            pairs += [(r, v) for r, v, k in zip(rm, judged, ok) if k]
+    n = len(prompts)
+
+    def paired(key: str) -> dict:
+        return paired_difference(per_prompt_means(out[f"{key}_rho"], n, samples),
+                                 per_prompt_means(out[f"{key}_pi"], n, samples))
+
+    return {**out, "effect": paired("score"), "learned": paired("rm"), "agreement": _correlation(pairs),
+            "found_rho": sum(found["rho"]) / len(found["rho"]), "found_pi": sum(found["pi"]) / len(found["pi"])}
+
+
+def _correlation(pairs: list[tuple[float, float]]) -> float:
+    """Pearson correlation of (x, y) pairs; nan below 3 pairs or when either side is constant."""
+    if len(pairs) < 3:
+        return math.nan
+    try:
+        return statistics.correlation(*zip(*pairs))
+    except statistics.StatisticsError:  # a constant side
+        return math.nan
+
+
 def _t_quantile(p: float, df: int) -> float:
     """Student's t quantile from the normal one by the Cornish-Fisher series (Abramowitz & Stegun 26.7.5): within
     1e-3 of the exact value from df = 5 on (2.0395 for p = 0.975, df = 31), without scipy."""
@@ -298,6 +354,44 @@ def frontier_figure(points: list[dict], x: str = "kl", y: str = "score", label: 
         name=y,
     )
     return go.Figure(scatter, layout={"title": f"{y} vs {x}", "xaxis_title": x, "yaxis_title": y})
+
+
+def before_after_figure(result: dict, judge: str, more: str = "higher"):
+    """`before_after`'s first sample of every prompt as a plotly Figure: rho's score on x, pi's on y, one marker per
+    prompt (hover: both texts), the no-change diagonal, and the paired difference with its interval in the title.
+    `judge` names the score ("VADER"); `more` says what a higher one means ("more positive")."""
+    import plotly.graph_objects as go
+
+    (before,), (after,) = result["before"][:1], result["after"][:1]
+    n = len(before)
+    x, y = result["score_rho"][:n], result["score_pi"][:n]
+    lo, hi = min(x + y), max(x + y)
+    pad = 0.05 * (hi - lo or 1.0)
+    effect = result["effect"]
+    fig = go.Figure([
+        go.Scatter(x=x, y=y, mode="markers", name="one held-out prompt", marker=dict(size=9),
+                   hovertext=[f"rho: {b}<br>pi: {a}" for b, a in zip(before.response_texts, after.response_texts)]),
+        go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="no change",
+                   line=dict(dash="dash", color="grey")),
+    ])
+    fig.update_layout(
+        title=f"{judge} of each prompt's continuation: above the line, pi is {more} than rho<br>"
+              f"<sup>mean {effect['before']:+.2f} → {effect['after']:+.2f}: {effect['diff']:+.2f} "
+              f"(95% CI {effect['low']:+.2f} to {effect['high']:+.2f}, {effect['n']} prompts)</sup>",
+        xaxis_title="rho (before PPO)", yaxis_title="pi (after PPO)", xaxis_range=[lo - pad, hi + pad],
+        yaxis_range=[lo - pad, hi + pad], width=560, height=480)
+    return fig
+
+
+def before_after_table(result: dict, judge: str, rows: int = 8) -> str:
+    """The first `rows` held-out prompts of `before_after`'s first sample side by side (prompt end, rho's and pi's
+    continuation, `judge`'s score of each) as an HTML table (`comparison_table`)."""
+    (before,), (after,) = result["before"][:1], result["after"][:1]
+    n = len(before)
+    return comparison_table([
+        {"prompt (end)": "…" + q[-120:], "rho": b, "pi": a, f"{judge} rho → pi": f"{vb:+.2f} → {va:+.2f}"}
+        for q, b, a, vb, va in zip(before.query_texts, before.response_texts, after.response_texts,
+                                   result["score_rho"][:n], result["score_pi"][:n])][:rows])
 
 
 def comparison_table(rows: list[dict]) -> str:

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -62,6 +63,15 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
         (effect,) = tmp_path.glob("runs/*/effect.json")
         numbers = json.loads(effect.read_text())
         assert 0 <= numbers["win_rate"]["rate"] <= 1 and numbers["updates"] == 2, numbers
+        # and the paired held-out evaluation by the mock labeler's own score, shown as a plot, a table and a line
+        judge = "VADER" if path.name.startswith("01") else "descriptiveness"
+        assert numbers["judge"] == judge and numbers["n_paired"] == 4, numbers
+        assert numbers["low"] <= numbers["diff"] <= numbers["high"] and math.isfinite(numbers["score_diff"]), numbers
+        text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+        assert re.search(rf"{judge} on 4 held-out prompts: rho [+-]\d\.\d\d, policy [+-]\d\.\d\d, difference", text)
+        plotly = "application/vnd.plotly.v1+json"
+        figures = [o["data"][plotly] for o in outputs if o.output_type == "display_data" and plotly in o["data"]]
+        assert any("above the line, pi is" in json.dumps(f) for f in figures)
     if path.name == "00_quickstart.ipynb":
         # rerunning the notebook continues: labels, reward model and PPO checkpoint are reused, not redone
         saved = json.loads((latest(tmp_path / "runs/quickstart-smoke/ppo") / "trainer.json").read_text())

@@ -17,13 +17,6 @@ import quickstart  # noqa: E402
 import quickstart_eval  # noqa: E402
 
 
-def test_per_prompt_means_average_each_prompts_samples():
-    values = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0]  # 3 prompts x 2 samples, sample-major
-    assert quickstart_eval.per_prompt_means(values, 3, 2) == [3.0, 4.0, 5.0]
-    with pytest.raises(ValueError, match="6 values for 4 prompts x 2 samples"):
-        quickstart_eval.per_prompt_means(values, 4, 2)
-
-
 def test_refuses_a_folder_that_is_not_a_kept_run(tmp_path):
     with pytest.raises(SystemExit, match="not a kept quickstart lab folder"):
         quickstart_eval.main([str(tmp_path), "--model", "tiny"])

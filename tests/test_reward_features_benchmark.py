@@ -36,26 +36,30 @@ def test_last_final_feature_is_what_the_reward_model_reads(tiny):
     torch.testing.assert_close(feats[f"mean@{n}"], hidden[len(query):].mean(0).detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_runs_on_a_small_label_store(tmp_path, tiny):
+@pytest.mark.parametrize("task_name, labeler, judge", [
+    ("sentiment", "VaderLabeler", "VADER"), ("descriptiveness", "DescriptivenessLabeler", "descriptiveness")])
+def test_runs_on_a_small_label_store(tmp_path, tiny, task_name, labeler, judge):
     from labkit.data import load_prompts
+    from labkit.labeling import labelers
     from labkit.labeling.comparisons import make_comparisons
-    from labkit.labeling.labelers import VaderLabeler, label_pending
     from labkit.labeling.store import LabelStore
-    from labkit.tasks import SENTIMENT
+    from labkit.tasks import get_task
 
     model, tok = tiny
+    task = get_task(task_name)
     db = tmp_path / "labels.db"
     with LabelStore(db) as store:
-        make_comparisons(store, model, tok, SENTIMENT, load_prompts(SENTIMENT, "train")[:12], k=4,
+        make_comparisons(store, model, tok, task, load_prompts(task, "train")[:12], k=4,
                          generator=torch.Generator().manual_seed(0), require_truncation=False, progress=False)
-        assert label_pending(store, VaderLabeler(seed=0), task="sentiment") == 12
-    out = reward_features.main([str(db), "--model", "tiny", "--vader-samples", "8", "--l2", "1"])
+        assert labelers.label_pending(store, getattr(labelers, labeler)(seed=0), task=task_name) == 12
+    out = reward_features.main([str(db), "--model", "tiny", "--task", task_name, "--probe-samples", "8", "--l2", "1"])
     n = model.config.num_hidden_layers
     assert out["n_labels"] == 12 and out["reads_now"] == f"last@{n}"
+    assert out["task"] == task_name and out["judge"] == judge
     names = {r["features"] for r in out["results"]}
     assert f"last@{n}" in names and f"mean@{n}" in names and len(out["results"]) == len(names)
     for r in out["results"]:
-        assert 0 <= r["cv_accuracy"] <= 1 and math.isfinite(r["vader_corr"]), r
+        assert 0 <= r["cv_accuracy"] <= 1 and math.isfinite(r["judge_corr"]), r
 
 
 def test_refuses_a_missing_store(tmp_path):

@@ -5,6 +5,7 @@ when it writes one. The first cell of each notebook states the time measured her
 
     python benchmarks/notebook_times.py notebooks/01_sentiment.ipynb notebooks/02_descriptiveness.ipynb
     python benchmarks/notebook_times.py --smoke notebooks/00_hello.ipynb     # the tiny model, as CI runs it
+    python benchmarks/notebook_times.py notebooks/01_sentiment.ipynb --keep /tmp/sentiment-lab   # its lab folder kept
 
 00_quickstart has its own script with sweep options (benchmarks/quickstart.py); this one runs the same executor.
 """
@@ -12,6 +13,7 @@ when it writes one. The first cell of each notebook states the time measured her
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,10 +24,22 @@ from quickstart import effect_of, executed  # noqa: E402
 from record import emit  # noqa: E402
 
 
-def time_notebook(path: Path, smoke: bool, timeout: int) -> dict:
+def keep_lab(work: Path, keep: Path, notebook: str) -> None:
+    """Copy the one lab folder a notebook wrote under `work`/runs/ (labels, reward model, PPO checkpoints) to `keep`,
+    replacing what is there: e.g. for benchmarks/quickstart_eval.py."""
+    labs = sorted(p for p in (work / "runs").glob("*") if p.is_dir())
+    if len(labs) != 1:
+        raise SystemExit(f"--keep: {notebook} wrote {len(labs)} lab folders under runs/, not one: nothing kept")
+    shutil.rmtree(keep, ignore_errors=True)
+    shutil.copytree(labs[0], keep)
+
+
+def time_notebook(path: Path, smoke: bool, timeout: int, keep: Path | None = None) -> dict:
     nb = nbformat.read(path, as_version=4)
     with executed(nb, smoke, timeout) as (work, total, seconds):
         effect = effect_of(work)
+        if keep is not None:
+            keep_lab(work, keep, path.name)
     return {"benchmark": "notebook_times", "notebook": path.name, "smoke": smoke, "total_s": total,
             "sections_s": seconds, **({"effect": effect} if effect else {})}
 
@@ -35,11 +49,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--smoke", action="store_true", help="the tiny random model and toy sizes (CI's path)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    parser.add_argument("--keep", type=Path, help="copy the run's lab folder here when it ends (one notebook only)")
     args = parser.parse_args(argv)
+    if args.keep is not None and len(args.notebooks) != 1:
+        raise SystemExit("--keep keeps one notebook's lab folder: pass one notebook")
     missing = [str(p) for p in args.notebooks if not p.is_file()]
     if missing:
         raise SystemExit(f"no such notebook: {', '.join(missing)}")
-    return [emit(time_notebook(p, args.smoke, args.timeout)) for p in args.notebooks]
+    return [emit(time_notebook(p, args.smoke, args.timeout, args.keep)) for p in args.notebooks]
 
 
 if __name__ == "__main__":

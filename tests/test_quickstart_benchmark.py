@@ -76,3 +76,23 @@ def test_notebook_times_runs_any_notebook_and_records_its_sections(capsys):
     assert 0 < sum(line["sections_s"].values()) <= line["total_s"] and "effect" not in line
     with pytest.raises(SystemExit, match="no such notebook"):
         notebook_times.main(["notebooks/nope.ipynb"])
+
+
+def test_notebook_times_keeps_the_one_lab_folder_a_notebook_wrote(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import notebook_times
+
+    work, keep = tmp_path / "work", tmp_path / "kept"
+    with pytest.raises(SystemExit, match="00_hello.ipynb wrote 0 lab folders under runs/, not one"):
+        notebook_times.keep_lab(work, keep, "00_hello.ipynb")
+    (work / "runs/sentiment/ppo").mkdir(parents=True)
+    (work / "runs/sentiment/labels.db").write_text("labels")
+    keep.mkdir()
+    (keep / "stale.txt").write_text("from an earlier run")
+    notebook_times.keep_lab(work, keep, "01_sentiment.ipynb")
+    assert (keep / "labels.db").read_text() == "labels" and (keep / "ppo").is_dir() and not (keep / "stale.txt").exists()
+    (work / "runs/other").mkdir()
+    with pytest.raises(SystemExit, match="wrote 2 lab folders"):
+        notebook_times.keep_lab(work, keep, "x.ipynb")
+    with pytest.raises(SystemExit, match="pass one notebook"):
+        notebook_times.main(["--keep", str(keep), "notebooks/00_hello.ipynb", "notebooks/00_hello.ipynb"])

@@ -7,13 +7,16 @@ the VADER difference is about +-0.15, wider than the differences between the set
 sample s of every prompt is drawn with seed s for both rho and pi (seed 0 is the notebook's sample), each prompt's
 samples are averaged, and the paired difference and its interval run over the prompts
 (labkit.evaluate.before_after), so that a prompt's own spread does not count as evidence. One JSON line per
-run: VADER of rho and pi, their difference with its interval, the reward model's score difference, the
-correlation of the reward model with VADER on the samples with a truncation point, and KL of the final update.
-The last line (all runs) lands in benchmarks/results/quickstart_eval.jsonl.
+run: the mock labeler's score of rho and pi (`judge`: VADER for sentiment; lines recorded before --task chose it
+call it `vader_*`), their difference with its interval, the reward model's score difference, the correlation of
+the reward model with that score on the samples with a truncation point, and KL of the final update. The last
+line (all runs) lands in benchmarks/results/quickstart_eval.jsonl. Any notebook's lab folder works the same way.
 
     python benchmarks/quickstart.py --keep /tmp/qs_a                     # one run, its lab folder kept
     python benchmarks/quickstart.py --keep /tmp/qs_b --set RM_POOL='"last"' --set RM_LAYER=None
     python benchmarks/quickstart_eval.py /tmp/qs_a /tmp/qs_b --samples 8
+    python benchmarks/notebook_times.py notebooks/02_descriptiveness.ipynb --keep /tmp/desc
+    python benchmarks/quickstart_eval.py /tmp/desc --task descriptiveness --samples 8
 
 Every run is resumed with the PPO settings saved in its checkpoint and its own reward model; rho is the model the
 runs started from (`--model`), so runs of another model are refused by the trainer's checks.
@@ -31,13 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import emit  # noqa: E402
+from reward_sweep import JUDGES  # noqa: E402
 
 
 def evaluate_run(run: Path, model: str, task_name: str, samples: int, max_prompts: int | None) -> dict:
     """Resume `run`'s final PPO checkpoint and measure pi against rho (module docstring)."""
     from labkit.data import load_prompts
     from labkit.evaluate import before_after
-    from labkit.labeling.labelers import VaderLabeler
+    from labkit.labeling import labelers
     from labkit.models import load_lm
     from labkit.reward import RewardModel
     from labkit.rl import PPOConfig, PPOTrainer
@@ -60,21 +64,23 @@ def evaluate_run(run: Path, model: str, task_name: str, samples: int, max_prompt
     if trainer.step_count != saved["step"]:
         raise SystemExit(f"{run}: resumed at update {trainer.step_count}, but its latest checkpoint is {saved['step']}")
     texts = [p.text for p in load_prompts(task, "validation")][:max_prompts]
-    result = before_after(trainer, texts, VaderLabeler().score, samples=samples)
+    judge, labeler = JUDGES[task_name]
+    result = before_after(trainer, texts, getattr(labelers, labeler)().score, samples=samples)
     effect, learned = result["effect"], result["learned"]
     return {"run": str(run), "reward_model": reward_model.training_summary(),
             "reads": {"pool": reward_model.pool, "layer": reward_model.layer}, "updates": trainer.step_count,
             "kl": trainer.history[-1]["objective/kl"], "prompts": len(texts), "samples": samples,
-            "vader_rho": effect["before"], "vader_pi": effect["after"], "diff": effect["diff"],
+            "judge": judge, "judge_rho": effect["before"], "judge_pi": effect["after"], "diff": effect["diff"],
             "low": effect["low"], "high": effect["high"], "score_diff": learned["diff"], "score_low": learned["low"],
-            "score_high": learned["high"], "rm_vader_corr": result["agreement"]}
+            "score_high": learned["high"], "rm_judge_corr": result["agreement"]}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="lab folders kept by `benchmarks/quickstart.py --keep DIR`")
     p.add_argument("--model", default="smollm2-135m", help="the model the runs started from")
-    p.add_argument("--task", default="sentiment")
+    p.add_argument("--task", choices=sorted(JUDGES), default="sentiment",
+                   help="the runs' task: its mock labeler's score judges rho and pi (VADER for sentiment)")
     p.add_argument("--samples", type=int, default=8, help="continuations per prompt, for rho and pi each")
     p.add_argument("--max-prompts", type=int, default=None, help="the first N validation prompts (default: all)")
     p.add_argument("--threads", type=int, default=2)

@@ -9,8 +9,10 @@ each --l2 it prints one JSON line:
 
 - `cv_accuracy`: 5-fold cross-validated 4-way accuracy of the fitted head on the labeled comparisons (chance 0.25);
 - `judge_corr`: Pearson correlation of the head fitted on all labels with the mock labeler's own score on
-  --probe-samples rho samples of the validation prompts, what PPO will climb: VADER for --task sentiment, the
-  descriptiveness heuristic for --task descriptiveness (lines recorded before --task existed call it `vader_corr`).
+  --probe-samples rho samples of the validation prompts: VADER for --task sentiment, the descriptiveness
+  heuristic for --task descriptiveness (lines recorded before --task existed call it `vader_corr`);
+- `judge_corr_found`: the same on the samples with a truncation point only, the ones PPO scores with the reward
+  model (the others get the task's penalty): what PPO will climb.
 
 The last line, the summary, lands in benchmarks/results/reward_features.jsonl. A research question rather than a
 setting: labkit's reward model reads `last@<final>` only.
@@ -33,11 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import emit  # noqa: E402
-from reward_sweep import judged_probe  # noqa: E402
-
-# each task's mock labeler (labkit.labeling.labelers) and the name its score goes by: what PPO will climb, so what
-# the reward model should agree with
-JUDGES = {"sentiment": ("VADER", "VaderLabeler"), "descriptiveness": ("descriptiveness", "DescriptivenessLabeler")}
+from reward_sweep import JUDGES, judged_probe  # noqa: E402
 
 
 @torch.no_grad()
@@ -83,6 +81,7 @@ def main(argv=None):
         raise SystemExit(f"{args.labels} does not exist: run benchmarks/quickstart.py --keep DIR first")
     torch.set_num_threads(args.threads)
 
+    from labkit.evaluate import pearson
     from labkit.labeling import labelers
     from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
@@ -127,17 +126,21 @@ def main(argv=None):
         n = int(roll.truncated_lengths[i])
         probe.append(feats(q_ids[i, q_ids.shape[1] - int(q_len[i]):].tolist(), roll.truncated_ids[i, :n].tolist()))
     px = {n: torch.stack([f[n] for f in probe]) for n in names}  # (probe_samples, H)
+    found = roll.found.tolist()  # PPO scores only these with the reward model (the rest get the task's penalty)
 
     results = []
     for l2 in args.l2:
         for n in names:
             w, _ = fit_linear_head({4: x[n]}, {4: best}, l2)
+            scores = (px[n] @ w).tolist()
             line = {"features": n, "l2": l2, "cv_accuracy": round(cv_accuracy(x[n], best, l2), 3),
-                    "judge_corr": round(statistics.correlation((px[n] @ w).tolist(), list(judged)), 3)}
+                    "judge_corr": round(statistics.correlation(scores, list(judged)), 3),
+                    "judge_corr_found": round(pearson([(a, b) for a, b, ok in zip(scores, judged, found) if ok]), 3)}
             print(json.dumps(line), flush=True)
             results.append(line)
     return emit({"benchmark": "reward_features", "labels": str(args.labels), "model": args.model, "task": task.name,
                  "judge": judge_name, "n_labels": len(examples), "probe_samples": args.probe_samples,
+                 "probe_found": sum(found),
                  "reads_now": f"last@{n_layers}", "results": results, "seconds": round(time.time() - t0, 1)})
 
 

@@ -134,6 +134,11 @@ def main(argv=None):
     return emit(summary)
 
 
+# each task's mock labeler (labkit.labeling.labelers) and the name its score goes by: what PPO will climb, so what a
+# reward model should agree with
+JUDGES = {"sentiment": ("VADER", "VaderLabeler"), "descriptiveness": ("descriptiveness", "DescriptivenessLabeler")}
+
+
 @torch.no_grad()
 def judged_probe(rho, tok, task, n: int, score):
     """n rho samples on the validation prompts (seed 0) and `score` of each (a mock labeler's: VADER for sentiment):

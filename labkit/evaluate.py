@@ -255,11 +255,11 @@ def before_after(trainer, prompts: list[str], score, samples: int = 1) -> dict:
         return paired_difference(per_prompt_means(out[f"{key}_rho"], n, samples),
                                  per_prompt_means(out[f"{key}_pi"], n, samples))
 
-    return {**out, "effect": paired("score"), "learned": paired("rm"), "agreement": _correlation(pairs),
+    return {**out, "effect": paired("score"), "learned": paired("rm"), "agreement": pearson(pairs),
             "found_rho": sum(found["rho"]) / len(found["rho"]), "found_pi": sum(found["pi"]) / len(found["pi"])}
 
 
-def _correlation(pairs: list[tuple[float, float]]) -> float:
+def pearson(pairs: list[tuple[float, float]]) -> float:
     """Pearson correlation of (x, y) pairs; nan below 3 pairs or when either side is constant."""
     if len(pairs) < 3:
         return math.nan

@@ -113,6 +113,9 @@ def test_bad_reward_settings_are_refused(kwargs, message):
     ({"ppo_updates_per_round": 0}, r"OnlineConfig\.ppo_updates_per_round = 0: must be a whole number >= 1"),
     ({"reward_config": {"lr": 1e-4}}, r"OnlineConfig\.reward_config = \{'lr': 0\.0001\} \(dict\): must be a RewardConfig"),
     ({"seed": -1}, r"OnlineConfig\.seed = -1: must be a whole number >= 0"),
+    ({"reward_pool": "first"}, r"OnlineConfig\.reward_pool = 'first': must be one of 'last', 'mean'"),
+    ({"reward_layer": -3}, r"OnlineConfig\.reward_layer = -3: must be a whole number >= 0"),
+    ({"reward_layer": True}, r"OnlineConfig\.reward_layer = True \(bool\): must be a whole number"),
 ])
 def test_bad_online_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -271,6 +274,9 @@ def test_bad_ppo_job_files_name_the_file_field_and_value(tmp_path, key, value, m
     ("reward", "{batch_size: 0}", r"rm\.yaml: RewardConfig\.batch_size = 0: must be a whole number >= 1"),
     ("reward", "{optimizer: sgd}", r"rm\.yaml: RewardConfig\.optimizer = 'sgd': must be one of"),
     ("task", "sentimnet", r"rm\.yaml: Unknown task 'sentimnet'"),
+    ("pool", "max", r"rm\.yaml: RewardJob\.pool = 'max': must be one of 'last', 'mean'"),
+    ("layer", "-1", r"rm\.yaml: RewardJob\.layer = -1: must be a whole number >= 0 \(0 is the embeddings"),
+    ("layer", "15.5", r"rm\.yaml: RewardJob\.layer = 15\.5 \(float\): must be a whole number"),
 ])
 def test_bad_reward_job_files_name_the_file_field_and_value(tmp_path, key, value, message):
     path = tmp_path / "rm.yaml"

@@ -321,12 +321,14 @@ def test_train_reward_on_a_custom_task_reads_only_its_comparisons(rewards_module
                 other = store.add_comparison("sentiment", post, [" happy", " sad"])
                 store.record_label(other, best=0, labeler="mock")
     job = RewardJob(labels=str(root / "labels.db"), output_dir=str(root / "rm"), model="tiny", task=POLITE,
-                    prompt_source=str(root / "prompts.jsonl"),
+                    prompt_source=str(root / "prompts.jsonl"), pool="mean", layer=1,
                     reward=RewardConfig(batch_size=4, lr=1e-3, normalize_samples=8, heldout_fraction=0.0))
     job.save(root / "rm.yaml")
     assert cli.main(["train-reward", str(root / "rm.yaml")]) == 0
     summary = json.loads((root / "rm" / "summary.json").read_text())
     assert summary["examples"] == 12 and math.isfinite(summary["final"]["rm/loss"])
-    assert RewardModel.load(root / "rm", device="cpu").task_name == "polite-reply"
+    rm = RewardModel.load(root / "rm", device="cpu")
+    # the job's reading (the response mean of block 1's output), saved with the model
+    assert rm.task_name == "polite-reply" and (rm.pool, rm.layer) == ("mean", 1)
     assert RewardJob.load(root / "rm" / "job.yaml") == job
     shutil.rmtree(root / "rm")

@@ -106,6 +106,18 @@ def test_rounds_refit_when_enough_labels_arrived(tmp_path):
     assert trainer.step_count == 2 and len(trainer.history) == 2
 
 
+def test_refits_read_what_the_config_says_and_a_layer_rho_lacks_is_refused(tmp_path):
+    loop = make_loop(tmp_path, reward_pool="mean", reward_layer=1)
+    loop.new_comparisons()
+    label_pending(loop.store, DotLabeler(), TASK.name)
+    assert loop.maybe_refit() is not None
+    assert (loop.trainer.reward.pool, loop.trainer.reward.layer) == ("mean", 1)
+    blocks = loop.rho_lm.config.num_hidden_layers
+    with pytest.raises(ValueError, match=rf"OnlineConfig\.reward_layer = {blocks + 1}: rho has hidden states 0 "
+                                         rf"\(the embeddings\) to {blocks}"):
+        make_loop(tmp_path, reward_layer=blocks + 1)
+
+
 def test_background_loop_trains_while_the_main_thread_labels(tmp_path):
     loop = make_loop(tmp_path)
     labeler = DotLabeler()

@@ -30,14 +30,16 @@ def test_its_first_sample_is_the_notebooks_evaluation_and_more_samples_average(t
     (one,) = quickstart_eval.main([str(lab), "--model", "tiny", "--samples", "1", "--max-prompts",
                                    str(run["n_eval"])])["results"]
     # seed 0 on the notebook's prompts: the very samples its last cell scored
-    for key in ("vader_rho", "vader_pi", "diff", "low", "high", "score_diff"):
-        assert math.isclose(one[key], effect[key], abs_tol=1e-9), key
+    assert one["judge"] == "VADER"
+    for key, notebook_key in (("judge_rho", "vader_rho"), ("judge_pi", "vader_pi"), ("diff", "diff"), ("low", "low"),
+                              ("high", "high"), ("score_diff", "score_diff")):
+        assert math.isclose(one[key], effect[notebook_key], abs_tol=1e-9), key
     assert one["updates"] == effect["updates"] and math.isclose(one["kl"], effect["kl"])
     out = quickstart_eval.main([str(lab), "--model", "tiny", "--samples", "3", "--max-prompts", "6", "--name", "t"])
     (three,) = out["results"]
     assert out["name"] == "t" and three["samples"] == 3 and three["prompts"] == 6
     assert three["reads"] == {"pool": "mean", "layer": 1}  # the quickstart's reward model, as saved
-    for key in ("vader_rho", "vader_pi", "diff", "low", "high", "score_diff", "kl"):
+    for key in ("judge_rho", "judge_pi", "diff", "low", "high", "score_diff", "kl"):
         assert math.isfinite(three[key]), key
     assert three["low"] <= three["diff"] <= three["high"]
-    assert abs(three["diff"] - (three["vader_pi"] - three["vader_rho"])) < 1e-9
+    assert abs(three["diff"] - (three["judge_pi"] - three["judge_rho"])) < 1e-9

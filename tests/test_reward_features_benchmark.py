@@ -58,8 +58,11 @@ def test_runs_on_a_small_label_store(tmp_path, tiny, task_name, labeler, judge):
     assert out["task"] == task_name and out["judge"] == judge
     names = {r["features"] for r in out["results"]}
     assert f"last@{n}" in names and f"mean@{n}" in names and len(out["results"]) == len(names)
+    found = out["probe_found"]
+    assert 0 <= found <= 8
     for r in out["results"]:
         assert 0 <= r["cv_accuracy"] <= 1 and math.isfinite(r["judge_corr"]), r
+        assert math.isfinite(r["judge_corr_found"]) or found < 3, r  # nan below 3 samples with a truncation point
 
 
 def test_refuses_a_missing_store(tmp_path):

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.checks import at_least, check_types
+from labkit.checks import at_least, check_types, one_of
 from labkit.labeling.comparisons import comparison_item, rollout_rows
 from labkit.data import Prompt
 from labkit.evaluate import win_rate_from_store
 from labkit.labeling.store import LabelStore
 from labkit.rl.trainer import PPOTrainer
 from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
+from labkit.reward.model import POOLS
 from labkit.sampling import Rollout, sample
 from labkit.tasks import format_query
 
@@ -62,6 +63,12 @@ class OnlineConfig:
     reward_config: RewardConfig | None = None
     """How each refit trains r; its `normalize_samples` and `seed` also set r's normalisation on rho. None = the
     task's recipe (labkit.recipes; RewardConfig's defaults for a task without one)."""
+    reward_pool: str = "last"
+    """What each refit's head reads of rho's hidden states: "last", the last real token's (as released), or "mean",
+    the mean over the response's tokens (`RewardModel(pool=)`)."""
+    reward_layer: int | None = None
+    """Which hidden state it reads: None, the final one (as released); L, the output of block L (`RewardModel(layer=)`;
+    checked against rho's blocks when the loop is built)."""
     seed: int = 0
     """Seeds which prompts new comparisons use and the sampling of their responses."""
 
@@ -74,6 +81,8 @@ class OnlineConfig:
         at_least(self, "refit_every_labels", 1)
         at_least(self, "ppo_updates_per_round", 1)
         at_least(self, "seed", 0)
+        one_of(self, "reward_pool", POOLS)
+        at_least(self, "reward_layer", 0, "0 is the embeddings")
 
 
 def _recipe_reward_config(task) -> RewardConfig:
@@ -104,12 +113,17 @@ class OnlineLoop:
                              "the base model again (with LoRA, trainer.rho is None).")
         if not prompts:
             raise ValueError("OnlineLoop needs at least one prompt to sample comparisons from.")
+        config = config or OnlineConfig()
+        blocks = rho_lm.config.num_hidden_layers
+        if config.reward_layer is not None and config.reward_layer > blocks:
+            raise ValueError(f"OnlineConfig.reward_layer = {config.reward_layer}: rho has hidden states 0 (the "
+                             f"embeddings) to {blocks} (the final one); pass one of those, or None for the final one.")
         self.trainer = trainer
         self.store = store
         self.rho_lm = rho_lm
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
-        self.config = config or OnlineConfig()
+        self.config = config
         self.task = trainer.task
         self.fits: list[dict] = []  # the final metrics of every refit, oldest first
         self.labels_at_fit = 0  # training examples the current reward model was fitted on
@@ -189,7 +203,8 @@ class OnlineLoop:
         examples = self._examples()
         texts = [_text(p) for p in self.prompts]
         # 1. a fresh head on a copy of rho, normalised on rho's samples so that beta keeps its meaning
-        rm = reward_model_from_lm(self.rho_lm, self.tokenizer, seed=cfg.seed + len(self.fits))
+        rm = reward_model_from_lm(self.rho_lm, self.tokenizer, seed=cfg.seed + len(self.fits),
+                                  pool=self.config.reward_pool, layer=self.config.reward_layer)
         rm.normalize(self.rho_lm, self.task, texts, n_samples=cfg.normalize_samples, seed=cfg.seed)
         # 2. fit on every label so far, then normalise again
         run = RewardTrainer(rm, cfg).fit(examples, dashboard=dashboard, progress=False)

@@ -101,7 +101,7 @@ def train_reward(job: RewardJob, device, check_sync: bool = False) -> dict:
     # 2. rho and a fresh reward model on a copy of it; the same initial head on every process
     torch.manual_seed(cfg.seed)
     rho, tokenizer = load_lm(job.model, device=device, dtype=job.dtype)
-    rm = reward_model_from_lm(rho, tokenizer, seed=cfg.seed)
+    rm = reward_model_from_lm(rho, tokenizer, seed=cfg.seed, pool=job.pool, layer=job.layer)
     rho.requires_grad_(False)
     distributed.broadcast_parameters(rm.parameters())
     distributed.shard_model(rho)  # under an FSDP launch: each process holds a slice of each (else a no-op)

@@ -92,7 +92,8 @@ class RewardJob:
     layer: int | None = None
     """Which hidden state the head reads: None, the final one after the last norm (as released); L, the output of
     block L (0: the embeddings). The notebooks read pool "mean" of layer 15 of SmolLM2's 30 with a fitted head
-    (`reward.head_l2`): on a few hundred labels it agreed with the mock labelers far better."""
+    (`reward.head_l2`): on a few hundred labels it picked the mock labelers' choice more often
+    (benchmarks/reward_features.py; docs/fidelity.md item 12 says how far the evidence goes)."""
 
     def __post_init__(self):
         _check_fields(self)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -134,7 +133,7 @@ def main(argv=None):
             w, _ = fit_linear_head({4: x[n]}, {4: best}, l2)
             scores = (px[n] @ w).tolist()
             line = {"features": n, "l2": l2, "cv_accuracy": round(cv_accuracy(x[n], best, l2), 3),
-                    "judge_corr": round(statistics.correlation(scores, list(judged)), 3),
+                    "judge_corr": round(pearson(list(zip(scores, judged))), 3),
                     "judge_corr_found": round(pearson([(a, b) for a, b, ok in zip(scores, judged, found) if ok]), 3)}
             print(json.dumps(line), flush=True)
             results.append(line)

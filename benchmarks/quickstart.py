@@ -14,6 +14,11 @@ labels every comparison), and prints one JSON line:
 `--set NAME=VALUE` runs the notebook with a constant of its first code cell changed (a cell is inserted after it;
 VALUE is a Python literal): how the sweep in benchmarks/results/quickstart.jsonl was run, one point per call.
 
+`--ppo NAME=VALUE` overrides a PPOConfig field wherever the notebook builds its PPO settings
+(`recipe.ppo_config(...)`), over what the cell passes: a sweep over PPO settings the first cell does not name
+(e.g. `--ppo seed=1`, `--ppo total_updates=11`) without editing the notebook. The line records them as
+`ppo_settings`.
+
 `--keep DIR` keeps the run's lab folder (labels, reward model, PPO checkpoints); `--reuse DIR` starts from such a
 folder's labels and reward model (not its PPO run), as a user rerunning the notebook does: a sweep over the PPO
 settings then costs only the PPO and evaluation sections. Its line says `"reused": DIR`, and its total is not the
@@ -31,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import nbformat
@@ -84,6 +90,35 @@ def _overrides(pairs: list[str], nb) -> dict:
         except (ValueError, SyntaxError):
             raise SystemExit(f"--set {pair!r}: {value!r} is not a Python literal (a number, string, True/False, None).")
     return out
+
+
+def _ppo_overrides(pairs: list[str]) -> dict:
+    """--ppo NAME=VALUE pairs, each NAME a PPOConfig field and VALUE a Python literal; checked by PPOConfig now,
+    not after the notebook has run for minutes."""
+    from labkit.rl import PPOConfig
+
+    known = {f.name for f in fields(PPOConfig)}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in known:
+            raise SystemExit(f"--ppo {pair!r}: expected NAME=VALUE with NAME a PPOConfig field: {sorted(known)}.")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--ppo {pair!r}: {value!r} is not a Python literal (a number, string, True/False, None).")
+    try:
+        PPOConfig(**out)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--ppo: {e}")
+    return out
+
+
+def _ppo_patch(ppo: dict) -> str:
+    """A cell that makes every `Recipe.ppo_config(...)` call of the kernel apply `ppo` over its arguments."""
+    return ("import labkit.recipes as _recipes  # benchmarks/quickstart.py --ppo\n"
+            "_ppo_config = _recipes.Recipe.ppo_config\n"
+            f"_recipes.Recipe.ppo_config = lambda self, **kw: _ppo_config(self, **{{**kw, **{ppo!r}}})")
 
 
 def _constants(nb, overrides: dict, smoke: bool) -> dict:
@@ -153,10 +188,13 @@ def effect_of(work: Path) -> dict | None:
     return json.loads(found[0].read_text()) if found else None
 
 
-def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, reuse: Path | None = None) -> dict:
+def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, reuse: Path | None = None,
+        ppo: dict | None = None) -> dict:
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    if ppo:
+        nb.cells.insert(first + 1, nbformat.v4.new_code_cell(_ppo_patch(ppo)))
     if overrides:
-        first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
         code = "\n".join(f"{k} = {v!r}  # benchmarks/quickstart.py --set" for k, v in overrides.items())
         nb.cells.insert(first + 1, nbformat.v4.new_code_cell(code))
 
@@ -178,6 +216,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="change one constant of the notebook's first code cell (repeatable)")
+    parser.add_argument("--ppo", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one PPOConfig field where the notebook builds its PPO settings (repeatable)")
     parser.add_argument("--name", default=None, help="a label for this sweep point in the result line")
     parser.add_argument("--smoke", action="store_true", help="the tiny random model and toy sizes (CI's path)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
@@ -189,9 +229,11 @@ def main(argv=None) -> dict:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     overrides = _overrides(args.set, nb)
     constants = _constants(nb, overrides, args.smoke)
-    result = run(overrides, args.smoke, args.timeout, keep=args.keep, reuse=args.reuse)
+    ppo = _ppo_overrides(args.ppo)
+    result = run(overrides, args.smoke, args.timeout, keep=args.keep, reuse=args.reuse, ppo=ppo)
     line = {"benchmark": "quickstart", "name": args.name or ("smoke" if args.smoke else "default"), "smoke": args.smoke,
-            "settings": overrides, "constants": constants, "reused": str(args.reuse) if args.reuse else None, **result}
+            "settings": overrides, "ppo_settings": ppo, "constants": constants,
+            "reused": str(args.reuse) if args.reuse else None, **result}
     emit(line)
     return line
 

@@ -50,10 +50,24 @@ def test_smoke_run_prints_time_sections_and_effect_then_a_reused_lab_trains_ppo_
     assert any(json.loads(r)["name"] == "test" for r in (results / "quickstart.jsonl").read_text().splitlines())
     assert (tmp_path / "lab" / "labels.db").exists() and (tmp_path / "lab" / "reward_model").is_dir()
 
-    # --reuse: the labels and reward model are loaded, PPO runs again from update 0 with the new settings
-    again = quickstart.main(["--smoke", "--reuse", str(tmp_path / "lab"), "--set", "PPO_UPDATES=1"])
+    # --reuse: the labels and reward model are loaded, PPO runs again from update 0 with the new settings; --ppo
+    # reaches the PPOConfig the notebook builds, over what its cell passes
+    again = quickstart.main(["--smoke", "--reuse", str(tmp_path / "lab"), "--set", "PPO_UPDATES=1",
+                             "--ppo", "seed=3", "--ppo", "total_updates=1", "--keep", str(tmp_path / "lab2")])
     assert again["reused"] == str(tmp_path / "lab") and again["settings"] == {"PPO_UPDATES": 1}
-    assert again["updates"] == 1
+    assert again["ppo_settings"] == {"seed": 3, "total_updates": 1} and again["updates"] == 1
+    saved = json.loads(next((tmp_path / "lab2" / "ppo" / "checkpoints").glob("step-*/trainer.json")).read_text())
+    assert saved["config"]["seed"] == 3 and saved["config"]["total_updates"] == 1
+
+
+def test_ppo_accepts_only_ppo_config_fields_with_valid_values():
+    assert quickstart._ppo_overrides(["seed=2", "lr=1e-4"]) == {"seed": 2, "lr": 1e-4}
+    with pytest.raises(SystemExit, match="PPOConfig field"):  # a typo would silently run the default
+        quickstart._ppo_overrides(["sed=2"])
+    with pytest.raises(SystemExit, match="not a Python literal"):
+        quickstart._ppo_overrides(["lr=fast"])
+    with pytest.raises(SystemExit, match="total_updates"):  # PPOConfig's own check, before any notebook runs
+        quickstart._ppo_overrides(["total_updates=0"])
 
 
 def test_each_line_records_the_constants_the_run_saw():

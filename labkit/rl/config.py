@@ -28,9 +28,10 @@ class PPOConfig:
     """Peak learning rate, decayed linearly to 0 over `total_updates` (code: 1e-5 style, 2e-6 summaries)."""
     total_updates: int = 100
     """Planned number of updates: sets the learning-rate decay horizon (train_policy.py `train_minibatch`:
-    lr * (1 - step / nupdates)). A short look at a long run, as 01_sentiment and 02_descriptiveness take, passes the released run's
-    (`Recipe.released_total_updates`) so its updates keep about the peak rate, as the released run's first ones do:
-    decaying to 0 over a dozen updates all but stops the policy over the last third (docs/fidelity.md item 13)."""
+    lr * (1 - step / nupdates)). A short look at a long run, as 01_sentiment and 02_descriptiveness take, passes
+    the released run's (`Recipe.released_total_updates`), so its updates keep about the peak rate, as the released
+    run's first ones do; decaying to 0 over 20 updates all but stopped the policy over the last third
+    (docs/fidelity.md item 13)."""
     optimizer: str = "tf_adam"
     """"tf_adam" (eps on the un-corrected sqrt(v), the original's; default) or "adam" (PyTorch's)."""
     init_beta: float | None = None

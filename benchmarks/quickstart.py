@@ -76,37 +76,32 @@ def _smoke_env(smoke: bool):
             os.environ["LABKIT_SMOKE"] = before
 
 
-def _overrides(pairs: list[str], nb) -> dict:
-    """--set NAME=VALUE pairs, each NAME a constant the notebook's first code cell assigns and VALUE a Python
-    literal; refused otherwise (a typo would silently run the default)."""
-    assigned = _assigned(_first_code(nb))
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or name not in assigned:
-            raise SystemExit(f"--set {pair!r}: expected NAME=VALUE with NAME one of {sorted(assigned)}.")
-        try:
-            out[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise SystemExit(f"--set {pair!r}: {value!r} is not a Python literal (a number, string, True/False, None).")
-    return out
-
-
-def _ppo_overrides(pairs: list[str]) -> dict:
-    """--ppo NAME=VALUE pairs, each NAME a PPOConfig field and VALUE a Python literal; checked by PPOConfig now,
-    not after the notebook has run for minutes."""
-    from labkit.rl import PPOConfig
-
-    known = {f.name for f in fields(PPOConfig)}
+def _literal_pairs(flag: str, pairs: list[str], known: set[str], what: str) -> dict:
+    """NAME=VALUE pairs given to `flag`, each NAME in `known` and VALUE a Python literal; refused otherwise (a typo
+    would silently run the default)."""
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in known:
-            raise SystemExit(f"--ppo {pair!r}: expected NAME=VALUE with NAME a PPOConfig field: {sorted(known)}.")
+            raise SystemExit(f"{flag} {pair!r}: expected NAME=VALUE with NAME {what}: {sorted(known)}.")
         try:
             out[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"--ppo {pair!r}: {value!r} is not a Python literal (a number, string, True/False, None).")
+            raise SystemExit(f"{flag} {pair!r}: {value!r} is not a Python literal (a number, string, True/False, None).")
+    return out
+
+
+def _overrides(pairs: list[str], nb) -> dict:
+    """--set NAME=VALUE pairs, each NAME a constant the notebook's first code cell assigns."""
+    return _literal_pairs("--set", pairs, set(_assigned(_first_code(nb))), "one of the first cell's constants")
+
+
+def _ppo_overrides(pairs: list[str]) -> dict:
+    """--ppo NAME=VALUE pairs, each NAME a PPOConfig field; checked by PPOConfig now, not after the notebook has run
+    for minutes."""
+    from labkit.rl import PPOConfig
+
+    out = _literal_pairs("--ppo", pairs, {f.name for f in fields(PPOConfig)}, "a PPOConfig field")
     try:
         PPOConfig(**out)
     except (TypeError, ValueError) as e:

@@ -87,7 +87,8 @@ def _literal_pairs(flag: str, pairs: list[str], known: set[str], what: str) -> d
         try:
             out[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"{flag} {pair!r}: {value!r} is not a Python literal (a number, string, True/False, None).")
+            raise SystemExit(f"{flag} {pair!r}: {value!r} is not a Python literal "
+                             "(a number, string, True/False, None).")
     return out
 
 

@@ -62,7 +62,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     if path.name in ("00_quickstart.ipynb", "01_sentiment.ipynb", "02_descriptiveness.ipynb"):
         # 01 and 02 take a short look at a long run: the learning rate decays over the released run's updates, so
         # the last of their few still steps at about the peak rate (docs/fidelity.md item 13); the quickstart
-        # decays it to 0 over the updates it runs (its PPO seeds did better that way: benchmarks/README.md)
+        # decays it to 0 over the updates it runs (kept flat it did no better over its PPO seeds: benchmarks/README.md)
         (metrics,) = tmp_path.glob("runs/*/ppo/metrics.jsonl")
         lrs = [json.loads(line)["lr"] for line in metrics.read_text().splitlines()]
         kept = 0.5 if path.name == "00_quickstart.ipynb" else 1.0  # 2 smoke updates: 1 - 1/2; 1 - 1/1954

@@ -217,11 +217,30 @@ def query_prefix(model, query_ids: torch.Tensor, query_lengths: torch.Tensor,
     B, Q = query_ids.shape
     prefixes = []
     for s in batch_slices(B, batch_size):
-        mask = left_pad_mask(query_lengths[s], Q)
-        _, _, cache = lm_forward(model, query_ids[s], mask, positions(mask), keep=1, use_cache=True,
-                                 only=mask.new_tensor([Q - 1]))
+        _, cache = prefill(model, query_ids[s], query_lengths[s])
         prefixes.append(_prefix_of(cache))
     return _cat_prefixes(prefixes, Q)
+
+
+def prefill(model, query_ids: torch.Tensor, query_lengths: torch.Tensor):
+    """One forward over left-padded queries (B, Q), keeping the cache: returns (logits (B, 1, V) at the last query
+    position, the cache). Rows holding the same query run once and are copied: k responses to one prompt (a k-way
+    comparison) share one prefill, and the prefill is most of a sampling chunk's work (Q positions per row, against
+    R one-position steps). The sampler and `query_prefix` both come here, so at equal weights their keys and values
+    stay equal bit for bit."""
+    B, Q = query_ids.shape
+    # distinct (query, length) rows; `inverse` maps each row to its distinct one
+    distinct, inverse = torch.unique(torch.cat([query_ids, query_lengths[:, None]], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == B:
+        mask = left_pad_mask(query_lengths, Q)
+        logits, _, cache = lm_forward(model, query_ids, mask, positions(mask), keep=1, use_cache=True,
+                                      only=mask.new_tensor([Q - 1]))
+        return logits, cache
+    ids, lengths = distinct[:, :Q], distinct[:, Q]
+    mask = left_pad_mask(lengths, Q)
+    logits, _, cache = lm_forward(model, ids, mask, positions(mask), keep=1, use_cache=True, only=mask.new_tensor([Q - 1]))
+    cache.batch_select_indices(inverse)  # (D, ...) -> (B, ...) per layer: new tensors, row b a copy of inverse[b]'s
+    return logits[inverse], cache
 
 
 def batch_slices(n: int, size: int | None) -> list[slice]:
@@ -348,8 +367,8 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, ke
     tokens = torch.empty(B, R, dtype=torch.long, device=query_ids.device)
     logprobs = torch.empty(B, R, dtype=torch.float32, device=query_ids.device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
-    logits, _, cache = lm_forward(model, query_ids, mask, pos, keep=1, use_cache=True, only=mask.new_tensor([Q - 1]))  # token 0's
-    prefill = _prefix_of(cache) if keep_prefix else None  # taken now: the loop replaces the cache's tensors
+    logits, cache = prefill(model, query_ids, query_lengths)  # token 0's
+    prefix = _prefix_of(cache) if keep_prefix else None  # taken now: the loop replaces the cache's tensors
     for t in range(R):
         scaled = logits[:, -1].float() / temperature  # (B, V), a new tensor: masked in place below
         if masked is not None:
@@ -363,7 +382,7 @@ def _sample_chunk(model, query_ids, query_lengths, R, temperature, generator, ke
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         logits, _, cache = lm_forward(model, tok, mask, next_pos, keep=1, cache=cache, use_cache=True)
         next_pos = next_pos + 1
-    return tokens, logprobs, prefill
+    return tokens, logprobs, prefix
 
 
 class _TemperedLogprobs(torch.autograd.Function):

@@ -230,3 +230,39 @@ def test_pruned_prefill_samples_what_the_full_prefill_samples(tiny):
     torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-12, atol=1e-12)
     for (ka, va), (kb, vb) in zip(a.query_prefix, b.query_prefix):
         assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_rows_with_the_same_query_share_one_prefill(tiny):
+    import copy
+
+    from labkit.sampling import lm_forward, left_pad_mask, positions, prefill
+
+    model, tok = copy.deepcopy(tiny[0]).double(), tiny[1]
+    a, b = _queries(tok)[:2]
+    queries = [a, a, b, a, b, a]  # a 4-way comparison's rows and a 2-way one's, interleaved
+    q_ids, q_len = pad_left(queries, tok.pad_token_id)
+    Q = q_ids.shape[1]
+    rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, i, o: rows.append(o.shape[0]))
+    logits, cache = prefill(model, q_ids, q_len)
+    hook.remove()
+    assert rows == [2]  # two distinct queries ran, not six
+    # the naive reference: every row through the model
+    mask = left_pad_mask(q_len, Q)
+    ref_logits, _, ref_cache = lm_forward(model, q_ids, mask, positions(mask), keep=1, use_cache=True,
+                                          only=mask.new_tensor([Q - 1]))
+    assert logits.shape == ref_logits.shape == (6, 1, model.config.vocab_size)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=1e-12)
+    for got, ref in zip(cache.layers, ref_cache.layers):
+        torch.testing.assert_close(got.keys, ref.keys, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.values, ref.values, rtol=1e-12, atol=1e-12)
+    # the sampler draws each row on its own, and query_prefix still equals the sampler's prefix bit for bit
+    task = SENTIMENT.with_(response_length=6)
+    r = sample(model, tok, queries, task, generator=torch.Generator().manual_seed(1), batch_size=4,
+               keep_query_prefix=True)
+    assert len({tuple(r.response_ids[i].tolist()) for i in (0, 1, 3, 5)}) > 1
+    again = query_prefix(model, r.query_ids, r.query_lengths, batch_size=4)
+    for (k, v), (k2, v2) in zip(r.query_prefix, again):
+        assert k.shape[0] == 6 and torch.equal(k, k2) and torch.equal(v, v2)
+    whole = score_logprobs(model, r.query_ids, r.query_lengths, r.response_ids, task.temperature, masked_ids=r.masked_ids)
+    torch.testing.assert_close(r.logprobs, whole.float(), rtol=0, atol=1e-6)  # the sampler keeps fp32 log-probs

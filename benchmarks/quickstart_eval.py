@@ -1,10 +1,10 @@
 """The quickstart's before/after, measured tighter, for comparing runs: resumes the final PPO checkpoint of one or
 more kept quickstart runs and compares pi with rho on every validation prompt of the task, `--samples`
-continuations per prompt instead of the notebook's one.
+continuations per prompt instead of the notebook's few (`EVAL_SAMPLES`; 01 and 02 take one).
 
-The notebook's own evaluation (its last cell) samples each of the 47 held-out prompts once: its 95% interval on
-the VADER difference is about +-0.15, wider than the differences between the settings one wants to compare. Here
-sample s of every prompt is drawn with seed s for both rho and pi (seed 0 is the notebook's sample), each prompt's
+One sample of each of the 47 held-out prompts leaves a 95% interval of about +-0.15 on the VADER difference, wider
+than the differences between the settings one wants to compare. Here sample s of every prompt is drawn with seed s
+for both rho and pi (seeds 0 to EVAL_SAMPLES - 1 are the notebook's own samples), each prompt's
 samples are averaged, and the paired difference and its interval run over the prompts
 (labkit.evaluate.before_after), so that a prompt's own spread does not count as evidence. One JSON line per
 run: the mock labeler's score of rho and pi (`judge`: VADER for sentiment; lines recorded before --task chose it

@@ -35,6 +35,12 @@ def test_a_seeded_head_is_reproducible_and_leaves_the_global_rng_alone(tiny):
     a, b, c = (reward_model_from_lm(model, tok, seed=s) for s in (3, 3, 4))
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+    # unseeded calls (the notebooks') draw seed 0 whatever the global RNG's state: a rerun from scratch is the same run
+    torch.manual_seed(123)
+    first = reward_model_from_lm(model, tok)
+    torch.manual_seed(456)
+    assert torch.equal(first.head.weight, reward_model_from_lm(model, tok).head.weight)
+    assert not torch.equal(first.head.weight, reward_model_from_lm(model, tok, seed=None).head.weight)
     d = model.config.hidden_size
     assert abs(a.head.weight.std().item() - 1 / math.sqrt(d + 1)) < 0.5 / math.sqrt(d + 1)
 

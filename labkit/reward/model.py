@@ -80,8 +80,10 @@ class RewardModel(nn.Module):
     """r(x, y) = gain * head(h) + bias on top of a causal LM's trunk (its vocabulary head is unused); h is the
     last token's final hidden state as released, or what `pool` and `layer` choose (the module docstring)."""
 
-    def __init__(self, lm, tokenizer, seed: int | None = None, pool: str = "last", layer: int | None = None):
-        """seed: the head's init (None: torch's global RNG); refits pass one so that they are reproducible.
+    def __init__(self, lm, tokenizer, seed: int | None = 0, pool: str = "last", layer: int | None = None):
+        """seed: the head's init (None: torch's global RNG). Seeded by default, so that a notebook rerun from scratch
+        fits the same reward model bit for bit: the fitted reward does not depend on the init, but its split into
+        head and gain/bias does at the last bits, and PPO amplifies such differences into a different run.
         pool: "last" (the last real token's hidden state, as released) or "mean" (the mean over the response's
         tokens; the query is read but not pooled).
         layer: which hidden state: None, the final one after the last norm (as released); L, the output of block L
@@ -502,7 +504,7 @@ def response_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (hidden.float() * keep[..., None]).sum(1) / lengths[:, None].float()
 
 
-def reward_model_from_lm(lm, tokenizer, seed: int | None = None, pool: str = "last",
+def reward_model_from_lm(lm, tokenizer, seed: int | None = 0, pool: str = "last",
                          layer: int | None = None) -> RewardModel:
     """A fresh reward model (new head, drawn from `seed`) on a copy of `lm`: the paper re-initialises from rho
     on every refit. pool and layer: what the head reads (`RewardModel`; default: as released)."""

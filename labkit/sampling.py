@@ -231,16 +231,15 @@ def prefill(model, query_ids: torch.Tensor, query_lengths: torch.Tensor):
     B, Q = query_ids.shape
     # distinct (query, length) rows; `inverse` maps each row to its distinct one
     distinct, inverse = torch.unique(torch.cat([query_ids, query_lengths[:, None]], dim=1), dim=0, return_inverse=True)
-    if len(distinct) == B:
-        mask = left_pad_mask(query_lengths, Q)
-        logits, _, cache = lm_forward(model, query_ids, mask, positions(mask), keep=1, use_cache=True,
-                                      only=mask.new_tensor([Q - 1]))
-        return logits, cache
-    ids, lengths = distinct[:, :Q], distinct[:, Q]
+    shared = len(distinct) < B  # all rows distinct: run them as given, in their order (bit-for-bit the old path)
+    ids, lengths = (distinct[:, :Q], distinct[:, Q]) if shared else (query_ids, query_lengths)
     mask = left_pad_mask(lengths, Q)
-    logits, _, cache = lm_forward(model, ids, mask, positions(mask), keep=1, use_cache=True, only=mask.new_tensor([Q - 1]))
-    cache.batch_select_indices(inverse)  # (D, ...) -> (B, ...) per layer: new tensors, row b a copy of inverse[b]'s
-    return logits[inverse], cache
+    logits, _, cache = lm_forward(model, ids, mask, positions(mask), keep=1, use_cache=True,
+                                  only=mask.new_tensor([Q - 1]))
+    if shared:
+        cache.batch_select_indices(inverse)  # (D, ...) -> (B, ...) per layer: new tensors, row b a copy of inverse[b]'s
+        logits = logits[inverse]
+    return logits, cache
 
 
 def batch_slices(n: int, size: int | None) -> list[slice]:

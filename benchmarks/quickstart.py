@@ -22,7 +22,10 @@ VALUE is a Python literal): how the sweep in benchmarks/results/quickstart.jsonl
 `--keep DIR` keeps the run's lab folder (labels, reward model, PPO checkpoints); `--reuse DIR` starts from such a
 folder's labels and reward model (not its PPO run), as a user rerunning the notebook does: a sweep over the PPO
 settings then costs only the PPO and evaluation sections. Its line says `"reused": DIR`, and its total is not the
-fresh-kernel time.
+fresh-kernel time. `--continue-ppo` also takes that folder's PPO run, which the training cell then continues to
+`PPO_UPDATES` (`--set PPO_UPDATES=40` on a kept 20-update run: 20 more updates, not 40 from the start), as a user
+raising PPO_UPDATES and rerunning the cell does; its line says `"continued_ppo": true`. A folder kept from another
+notebook of the same task and model works (01_sentiment's, for the quickstart's PPO settings).
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ def effect_of(work: Path) -> dict | None:
 
 
 def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, reuse: Path | None = None,
-        ppo: dict | None = None) -> dict:
+        ppo: dict | None = None, continue_ppo: bool = False) -> dict:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     if ppo:
@@ -194,9 +197,10 @@ def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, re
         code = "\n".join(f"{k} = {v!r}  # benchmarks/quickstart.py --set" for k, v in overrides.items())
         nb.cells.insert(first + 1, nbformat.v4.new_code_cell(code))
 
-    def copy_lab(work: Path):  # labels and reward model only: PPO starts afresh
+    def copy_lab(work: Path):  # labels and reward model; PPO starts afresh unless continue_ppo
         if reuse is not None:
-            shutil.copytree(reuse, work / lab_dir(smoke), ignore=shutil.ignore_patterns("ppo", EFFECT_FILE))
+            skip = (EFFECT_FILE,) if continue_ppo else ("ppo", EFFECT_FILE)
+            shutil.copytree(reuse, work / lab_dir(smoke), ignore=shutil.ignore_patterns(*skip))
 
     with executed(nb, smoke, timeout, before=copy_lab) as (work, total, seconds):
         effect = effect_of(work)
@@ -219,17 +223,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
     parser.add_argument("--keep", type=Path, help="copy the run's lab folder here when it ends")
     parser.add_argument("--reuse", type=Path, help="start from this lab folder's labels and reward model (see above)")
+    parser.add_argument("--continue-ppo", action="store_true",
+                        help="with --reuse: continue that folder's PPO run to PPO_UPDATES instead of starting afresh")
     args = parser.parse_args(argv)
     if args.reuse is not None and not (args.reuse / "labels.db").exists():
         raise SystemExit(f"--reuse {args.reuse}: no labels.db there; pass a folder written by --keep")
+    if args.continue_ppo and (args.reuse is None or not (args.reuse / "ppo").is_dir()):
+        raise SystemExit(f"--continue-ppo needs --reuse DIR with a PPO run in DIR/ppo (got --reuse {args.reuse})")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     overrides = _overrides(args.set, nb)
     constants = _constants(nb, overrides, args.smoke)
     ppo = _ppo_overrides(args.ppo)
-    result = run(overrides, args.smoke, args.timeout, keep=args.keep, reuse=args.reuse, ppo=ppo)
+    result = run(overrides, args.smoke, args.timeout, keep=args.keep, reuse=args.reuse, ppo=ppo,
+                 continue_ppo=args.continue_ppo)
     line = {"benchmark": "quickstart", "name": args.name or ("smoke" if args.smoke else "default"), "smoke": args.smoke,
             "settings": overrides, "ppo_settings": ppo, "constants": constants,
-            "reused": str(args.reuse) if args.reuse else None, **result}
+            "reused": str(args.reuse) if args.reuse else None, "continued_ppo": args.continue_ppo, **result}
     emit(line)
     return line
 

@@ -59,6 +59,16 @@ def test_smoke_run_prints_time_sections_and_effect_then_a_reused_lab_trains_ppo_
     saved = json.loads(next((tmp_path / "lab2" / "ppo" / "checkpoints").glob("step-*/trainer.json")).read_text())
     assert saved["config"]["seed"] == 3 and saved["config"]["total_updates"] == 1
 
+    # --continue-ppo: that lab's PPO run goes on from its update 1 to PPO_UPDATES, its first update's metrics kept
+    first = json.loads((tmp_path / "lab2" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    more = quickstart.main(["--smoke", "--reuse", str(tmp_path / "lab2"), "--continue-ppo", "--set", "PPO_UPDATES=2",
+                            "--ppo", "seed=3", "--ppo", "total_updates=1", "--keep", str(tmp_path / "lab3")])
+    assert more["continued_ppo"] is True and more["updates"] == 2
+    rows = [json.loads(r) for r in (tmp_path / "lab3" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0] == first
+    with pytest.raises(SystemExit, match="continue-ppo needs --reuse"):
+        quickstart.main(["--smoke", "--continue-ppo"])
+
 
 def test_ppo_accepts_only_ppo_config_fields_with_valid_values():
     assert quickstart._ppo_overrides(["seed=2", "lr=1e-4"]) == {"seed": 2, "lr": 1e-4}

@@ -11,6 +11,7 @@ from labkit.labeling.store import Comparison, LabelStore
 HAPPY, SAD = "I love this wonderful happy day.", "This is awful and sad."
 VIVID = "The crimson sun sank behind jagged peaks, casting long violet shadows across the silent, misty valley."
 BLAND = "The sun went down behind the mountains and then it was night in the place."
+ABSTRACT = "It was what it was, and then it was over for all of us at that point in time."
 
 
 def comparison(responses, reference=None, id=1):
@@ -30,7 +31,10 @@ def test_descriptiveness_prefers_vivid():
     labeler = DescriptivenessLabeler()
     assert labeler.labeler_id == "mock:descriptive"
     assert labeler.choose(comparison([BLAND, VIVID])) == 1
-    assert descriptiveness(VIVID) > 1.0 and descriptiveness(BLAND) == 0.0
+    assert descriptiveness(VIVID) > 1.0 and descriptiveness(ABSTRACT) == 0.0
+    # Concrete things (sun, mountains) count, at half a sensory word each: plain but picturable beats abstract.
+    assert descriptiveness(BLAND) == 10 * 0.5 * 2 / 15   # two things in 15 words
+    assert descriptiveness(VIVID) > descriptiveness(BLAND) > descriptiveness(ABSTRACT)
     # Repetition is penalised, and a two-word fragment does not beat a vivid sentence.
     assert descriptiveness("dark dark dark dark night") < descriptiveness("dark night")
     assert descriptiveness("crimson.") < descriptiveness(VIVID)

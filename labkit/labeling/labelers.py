@@ -150,6 +150,27 @@ SENSORY_WORDS = frozenset("""
     eerie serene tranquil ominous stark lush barren desolate vivid ornate ancient
 """.split())
 
+# Concrete things a reader can picture: parts of a room and a house, streets and places, nature and weather, the
+# body, clothes, objects in hand, animals, vehicles. Worth half a sensory word: "a cup on the table" shows something,
+# "an amber cup" shows more.
+CONCRETE_WORDS = frozenset("""
+    door doors window windows wall walls floor floors ceiling roof table tables chair chairs bed beds desk shelf
+    stairs staircase hallway corridor kitchen room rooms porch garden gardens yard fence gate street streets road
+    roads path alley bridge tower castle cottage cabin barn church village town city
+    tree trees branch branches leaf leaves grass flower flowers forest woods field fields meadow hill hills mountain
+    mountains valley cliff cliffs rock rocks stone stones pebble sand dirt mud dust sky skies sun sunlight sunset
+    sunrise dawn moon moonlight star stars cloud clouds rain raindrops snow snowflakes ice wind breeze storm
+    thunder lightning fog mist smoke fire flame flames ember embers ash ashes water river stream creek lake pond sea
+    ocean wave waves shore beach tide
+    hand hands finger fingers fist palm arm arms shoulder shoulders chest neck face cheek cheeks lips mouth teeth
+    tongue eye eyes eyelids brow forehead hair skin blood bone bones knee knees feet foot boots shoe shoes
+    coat cloak dress shirt sleeve sleeves scarf hat glove gloves
+    glass glasses cup mug bottle plate bowl knife sword blade candle candles lamp lantern mirror curtain curtains
+    blanket pillow rug carpet book pages paper letter envelope key keys coin coins ring necklace jewel
+    horse horses dog dogs cat bird birds wings feather feathers wolf deer fish insect bees
+    car truck wheel wheels engine train ship boat sail deck bread wine coffee tea scent perfume
+""".split())
+
 # -ly words that are not manner adverbs, and common words ending in an adjective suffix that paint nothing.
 _NOT_MODIFIERS = frozenset("""
     only really actually early family likely lovely daily holy ugly reply supply apply rely fly july
@@ -164,9 +185,12 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 class DescriptivenessLabeler(_ScoreLabeler):
     """Prefers the most vividly descriptive response, by a transparent heuristic (no model):
 
-        score = 10 * (sensory + 0.5 * modifiers + 0.5 * numbers - repeats) / max(n_words, 10)
+        score = 10 * (sensory + 0.5 * (things + modifiers + numbers) - repeats) / max(n_words, 10)
 
     - sensory: distinct words in SENSORY_WORDS (colour, light, sound, texture, temperature, smell/taste, shape, motion);
+    - things: distinct words in CONCRETE_WORDS, things a reader can picture (rooms, streets, trees, sky, hands, cups);
+      without them most of a small model's plain continuations score exactly 0, so most 4-way comparisons tie at
+      the top and carry no preference, where a person would still pick the one with something to see in it;
     - modifiers: other distinct words with an adjective/adverb suffix (-ly, -ous, -ful, -less, -ish, -ive, -esque),
       minus a short list of common words that only look like one ("only", "family", "useful", ...);
     - numbers: digits, a cheap sign of concrete detail;
@@ -194,7 +218,8 @@ def descriptiveness(text: str) -> float:
     numbers = len(re.findall(r"\d+", text))
     long_words = [w for w in words if len(w) >= 4]
     repeats = len(long_words) - len(set(long_words))
-    return 10 * (sensory + 0.5 * modifiers + 0.5 * numbers - repeats) / max(len(words), 10)
+    things = len((distinct & CONCRETE_WORDS) - SENSORY_WORDS)
+    return 10 * (sensory + 0.5 * (things + modifiers + numbers) - repeats) / max(len(words), 10)
 
 
 @dataclass

@@ -71,10 +71,11 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
         assert 0 <= numbers["win_rate"]["rate"] <= 1 and numbers["updates"] == 2, numbers
         # and the paired held-out evaluation by the mock labeler's own score, shown as a plot, a table and a line
         judge = "VADER" if path.name.startswith("01") else "descriptiveness"
-        assert numbers["judge"] == judge and numbers["n_paired"] == 4, numbers
+        assert numbers["judge"] == judge and numbers["n_paired"] == 4 and numbers["samples"] == 2, numbers
         assert numbers["low"] <= numbers["diff"] <= numbers["high"] and math.isfinite(numbers["score_diff"]), numbers
         text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-        assert re.search(rf"{judge} on 4 held-out prompts: rho [+-]\d\.\d\d, policy [+-]\d\.\d\d, difference", text)
+        assert re.search(rf"{judge} on 4 held-out prompts x 2 samples: rho [+-]\d\.\d\d, policy [+-]\d\.\d\d, "
+                         r"difference", text)
         plotly = "application/vnd.plotly.v1+json"
         figures = [o["data"][plotly] for o in outputs if o.output_type == "display_data" and plotly in o["data"]]
         assert any("above the line, pi is" in json.dumps(f) for f in figures)

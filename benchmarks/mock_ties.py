@@ -4,7 +4,7 @@ with `skip_ties` skips and one without breaks at random: either way, no preferen
 
 The descriptiveness heuristic (labkit.labeling.labelers.descriptiveness) is measured twice on the same responses:
 as it is, and without its concrete-things term (CONCRETE_WORDS emptied), which it lacked before; VADER once.
-Responses are scored as stored, before any truncation, as the mock labeler sees them. No model runs; seconds.
+Responses are scored as stored (truncated, as the mock labeler and the reward model see them). No model runs.
 
     python benchmarks/mock_ties.py runs/descriptiveness/labels.db      # a lab's comparisons; one JSON line
     python benchmarks/mock_ties.py runs/sentiment/labels.db --kind train

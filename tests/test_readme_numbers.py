@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
-NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)(\s*%)?")
+NUMBER = re.compile(r"(?<![\w.])(-?\d[\d,]*(?:\.\d+)?)(\s*%)?")  # a leading minus is the number's sign
 
 
 def _leaves(x):
@@ -64,6 +64,9 @@ def test_the_matcher_rounds_as_written():
     assert quoted_numbers("a **2.41x** b **1,450 GFLOP/s** c 3.5 **47%**") == [("2.41", False), ("1,450", False), ("47", True)]
     assert found("2.4", False, [2.413]) and found("2.41", False, [2.413]) and not found("2.42", False, [2.413])
     assert found("47", True, [0.468]) and not found("47", False, [0.468]) and found("1,450", False, [1450.2])
+    # a sign is part of the number: -0.09 is not 0.09, and a range's dash is not a sign
+    assert quoted_numbers("**-0.092** **0.45-0.55**") == [("-0.092", False), ("0.45", False), ("0.55", False)]
+    assert found("-0.092", False, [-0.0921]) and not found("0.092", False, [-0.0921])
 
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -6,6 +6,11 @@ when it writes one. The first cell of each notebook states the time measured her
     python benchmarks/notebook_times.py notebooks/01_sentiment.ipynb notebooks/02_descriptiveness.ipynb
     python benchmarks/notebook_times.py --smoke notebooks/00_hello.ipynb     # the tiny model, as CI runs it
     python benchmarks/notebook_times.py notebooks/01_sentiment.ipynb --keep /tmp/sentiment-lab   # its lab folder kept
+    python benchmarks/notebook_times.py notebooks/02_descriptiveness.ipynb --ppo seed=1   # the same labels, PPO seed 1
+
+`--ppo NAME=VALUE` overrides a PPOConfig field where the notebook builds its PPO settings, as quickstart.py's does:
+the notebooks' sampling and reward model are seeded, so `--ppo seed=S` repeats a run's labels and reward model and
+measures PPO's own luck. The line records them as `ppo_settings`.
 
 00_quickstart has its own script with sweep options (benchmarks/quickstart.py); this one runs the same executor.
 """
@@ -20,7 +25,7 @@ from pathlib import Path
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quickstart import effect_of, executed  # noqa: E402
+from quickstart import _ppo_overrides, _ppo_patch, effect_of, executed  # noqa: E402
 from record import emit  # noqa: E402
 
 
@@ -34,14 +39,17 @@ def keep_lab(work: Path, keep: Path, notebook: str) -> None:
     shutil.copytree(labs[0], keep)
 
 
-def time_notebook(path: Path, smoke: bool, timeout: int, keep: Path | None = None) -> dict:
+def time_notebook(path: Path, smoke: bool, timeout: int, keep: Path | None = None, ppo: dict | None = None) -> dict:
     nb = nbformat.read(path, as_version=4)
+    if ppo:
+        first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+        nb.cells.insert(first + 1, nbformat.v4.new_code_cell(_ppo_patch(ppo)))
     with executed(nb, smoke, timeout) as (work, total, seconds):
         effect = effect_of(work)
         if keep is not None:
             keep_lab(work, keep, path.name)
     return {"benchmark": "notebook_times", "notebook": path.name, "smoke": smoke, "total_s": total,
-            "sections_s": seconds, **({"effect": effect} if effect else {})}
+            "sections_s": seconds, **({"ppo_settings": ppo} if ppo else {}), **({"effect": effect} if effect else {})}
 
 
 def main(argv=None) -> list[dict]:
@@ -50,13 +58,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true", help="the tiny random model and toy sizes (CI's path)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
     parser.add_argument("--keep", type=Path, help="copy the run's lab folder here when it ends (one notebook only)")
+    parser.add_argument("--ppo", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one PPOConfig field where the notebook builds its PPO settings (repeatable)")
     args = parser.parse_args(argv)
+    ppo = _ppo_overrides(args.ppo)
     if args.keep is not None and len(args.notebooks) != 1:
         raise SystemExit("--keep keeps one notebook's lab folder: pass one notebook")
     missing = [str(p) for p in args.notebooks if not p.is_file()]
     if missing:
         raise SystemExit(f"no such notebook: {', '.join(missing)}")
-    return [emit(time_notebook(p, args.smoke, args.timeout, args.keep)) for p in args.notebooks]
+    return [emit(time_notebook(p, args.smoke, args.timeout, args.keep, ppo)) for p in args.notebooks]
 
 
 if __name__ == "__main__":

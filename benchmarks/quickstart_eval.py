@@ -1,6 +1,6 @@
 """The quickstart's before/after, measured tighter, for comparing runs: resumes the final PPO checkpoint of one or
 more kept quickstart runs and compares pi with rho on every validation prompt of the task, `--samples`
-continuations per prompt instead of the notebook's few (`EVAL_SAMPLES`; 01 and 02 take one).
+continuations per prompt instead of the notebook's few (`EVAL_SAMPLES`; 01 and 02 take four).
 
 One sample of each of the 47 held-out prompts leaves a 95% interval of about +-0.15 on the VADER difference, wider
 than the differences between the settings one wants to compare. Here sample s of every prompt is drawn with seed s

@@ -102,6 +102,20 @@ def test_notebook_times_runs_any_notebook_and_records_its_sections(capsys):
         notebook_times.main(["notebooks/nope.ipynb"])
 
 
+@pytest.mark.slow
+def test_notebook_times_overrides_ppo_settings_where_the_notebook_builds_them(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import notebook_times
+
+    with pytest.raises(SystemExit, match="--ppo"):   # refused before any notebook runs
+        notebook_times.main(["--smoke", "--ppo", "not_a_field=1", "notebooks/02_descriptiveness.ipynb"])
+    nb = quickstart.NOTEBOOK.parent / "02_descriptiveness.ipynb"
+    (line,) = notebook_times.main(["--smoke", "--ppo", "seed=2", "--keep", str(tmp_path / "lab"), str(nb)])
+    assert line["ppo_settings"] == {"seed": 2} and line["effect"]["updates"] >= 1
+    (last,) = sorted((tmp_path / "lab/ppo/checkpoints").glob("step-*"))[-1:]
+    assert json.loads((last / "trainer.json").read_text())["config"]["seed"] == 2   # the run the notebook trained
+
+
 def test_notebook_times_keeps_the_one_lab_folder_a_notebook_wrote(tmp_path):
     sys.path.insert(0, str(BENCH))
     import notebook_times

@@ -4,6 +4,8 @@ with `skip_ties` skips and one without breaks at random: either way, no preferen
 
 The descriptiveness heuristic (labkit.labeling.labelers.descriptiveness) is measured twice on the same responses:
 as it is, and without its concrete-things term (CONCRETE_WORDS emptied), which it lacked before; VADER once.
+`repeats` counts what the heuristic's repeat term would count if function words ("they", "with") were not
+excepted, and the share of those that are function words (_FUNCTION_WORDS), which it no longer counts.
 Responses are scored as stored (truncated, as the mock labeler and the reward model see them). No model runs.
 
     python benchmarks/mock_ties.py runs/descriptiveness/labels.db      # a lab's comparisons; one JSON line
@@ -29,6 +31,18 @@ def tie_stats(responses: list[list[str]], score) -> dict:
             "top_tie": round(sum(row.count(max(row)) > 1 for row in scores) / len(scores), 3)}
 
 
+def repeat_stats(texts: list[str]) -> dict:
+    """{"repeats": occurrences of a 4+ letter word beyond its first in each text, summed; "function_share": the
+    share of those that are function words}."""
+    total = function = 0
+    for text in texts:
+        long_words = [w for w in labelers._WORD.findall(text.lower()) if len(w) >= 4]
+        total += len(long_words) - len(set(long_words))
+        kept = [w for w in long_words if w in labelers._FUNCTION_WORDS]
+        function += len(kept) - len(set(kept))
+    return {"repeats": total, "function_share": round(function / total, 3) if total else 0.0}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("db", type=Path, help="a lab's labels.db")
@@ -45,12 +59,16 @@ def main(argv=None) -> dict:
     with mock.patch.object(labelers, "CONCRETE_WORDS", frozenset()):
         without = tie_stats(responses, describe)
     vader = tie_stats(responses, labelers.VaderLabeler().score)
+    repeats = repeat_stats([t for texts in responses for t in texts])
     line = {"benchmark": "mock_ties", "db": str(args.db), "kind": args.kind, "comparisons": len(comparisons),
             "responses": sum(map(len, responses)), "tasks": sorted({c.task for c in comparisons}),
-            "descriptiveness": now, "descriptiveness_without_things": without, "vader": vader}
+            "descriptiveness": now, "descriptiveness_without_things": without, "vader": vader,
+            "repeats": repeats}
     print(f"{len(comparisons)} comparisons: descriptiveness scores {now['zero']:.0%} of responses 0 and ties at the "
           f"top in {now['top_tie']:.0%} (without its concrete things: {without['zero']:.0%}, "
-          f"{without['top_tie']:.0%}); VADER {vader['zero']:.0%}, {vader['top_tie']:.0%}")
+          f"{without['top_tie']:.0%}); VADER {vader['zero']:.0%}, {vader['top_tie']:.0%}; of "
+          f"{repeats['repeats']} repeated words {repeats['function_share']:.0%} are function words, which the "
+          "heuristic does not count")
     emit(line)
     return line
 

@@ -37,6 +37,9 @@ def test_descriptiveness_prefers_vivid():
     assert descriptiveness(VIVID) > descriptiveness(BLAND) > descriptiveness(ABSTRACT)
     # Repetition is penalised, and a two-word fragment does not beat a vivid sentence.
     assert descriptiveness("dark dark dark dark night") < descriptiveness("dark night")
+    assert descriptiveness("the door, the door, the door and the hall") == 10 * (0.5 - 2) / 10   # door: once a thing
+    # ...but not the function words plain English repeats: no vivid word and no counted repeat here
+    assert descriptiveness("They said that they would come with us, and they came with the others.") == 0.0
     assert descriptiveness("crimson.") < descriptiveness(VIVID)
     assert descriptiveness("") == 0.0
 

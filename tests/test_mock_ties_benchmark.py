@@ -18,6 +18,13 @@ def test_tie_stats_counts_zero_scores_and_shared_best_scores():
     assert stats == {"zero": round(1 / 9, 3), "top_tie": round(2 / 3, 3)}
 
 
+def test_repeat_stats_counts_function_words_apart():
+    # "they" twice, "with" three times (3 function-word repeats), "door" twice (1 other); "a" is too short to count
+    texts = ["they came with a door, they left with a door with a cat", "the door"]
+    assert mock_ties.repeat_stats(texts) == {"repeats": 4, "function_share": 0.75}
+    assert mock_ties.repeat_stats(["no repeats here"]) == {"repeats": 0, "function_share": 0.0}
+
+
 def test_a_lab_shows_what_the_concrete_things_add(tmp_path):
     db = tmp_path / "labels.db"
     store = LabelStore(str(db))
@@ -28,6 +35,7 @@ def test_a_lab_shows_what_the_concrete_things_add(tmp_path):
     # without its concrete things the heuristic scores all 8 responses 0, so both comparisons tie at the top
     assert line["descriptiveness_without_things"] == {"zero": 1.0, "top_tie": 1.0}
     assert line["descriptiveness"] == {"zero": 0.875, "top_tie": 0.5}
+    assert line["repeats"] == {"repeats": 0, "function_share": 0.0}   # each 4+ letter word once per response
     assert line["comparisons"] == 2 and line["responses"] == 8 and line["tasks"] == ["descriptiveness"]
     written = Path(os.environ["LABKIT_BENCH_RESULTS"]) / "mock_ties.jsonl"  # conftest: a temporary folder
     assert json.loads(written.read_text().splitlines()[-1])["descriptiveness"] == line["descriptiveness"]

@@ -178,6 +178,17 @@ _NOT_MODIFIERS = frozenset("""
     various previous obvious serious useful careful helpful careless useless
 """.split())
 _MODIFIER_SUFFIXES = ("ly", "ous", "ful", "less", "ish", "ive", "esque")
+
+# Function words of four letters or more: English repeats them in every plain sentence ("they said that they would"),
+# so counting them as repeats judged grammar, not vividness (benchmarks/mock_ties.py prints their share of a lab's
+# repeats). "very" is not among them: "very very dark" is the padding the repeat term is for.
+_FUNCTION_WORDS = frozenset("""
+    about after again also been before being both could does doing down each even from have having here into
+    just many more most much must once only other over same should some such than that their theirs them then
+    there these they this those through under until upon were what when where which while will with would your
+    yours himself herself itself myself themselves it's i'm i've i'll you're they're that's there's didn't don't
+    doesn't can't couldn't wouldn't wasn't weren't won't isn't
+""".split())
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
@@ -194,7 +205,8 @@ class DescriptivenessLabeler(_ScoreLabeler):
     - modifiers: other distinct words with an adjective/adverb suffix (-ly, -ous, -ful, -less, -ish, -ive, -esque),
       minus a short list of common words that only look like one ("only", "family", "useful", ...);
     - numbers: digits, a cheap sign of concrete detail;
-    - repeats: occurrences of a word of 4+ letters beyond its first, since "very very dark dark" is not vivid.
+    - repeats: occurrences of a word of 4+ letters beyond its first, since "very very dark dark" is not vivid;
+      function words ("they", "with", "could": _FUNCTION_WORDS) excepted, which plain English repeats.
 
     So roughly "vivid words per 10 words"; the floor of 10 words keeps a two-word reply with one colour in
     it from beating a full vivid sentence.
@@ -216,7 +228,7 @@ def descriptiveness(text: str) -> float:
         for w in distinct
     )
     numbers = len(re.findall(r"\d+", text))
-    long_words = [w for w in words if len(w) >= 4]
+    long_words = [w for w in words if len(w) >= 4 and w not in _FUNCTION_WORDS]
     repeats = len(long_words) - len(set(long_words))
     things = len((distinct & CONCRETE_WORDS) - SENSORY_WORDS)
     return 10 * (sensory + 0.5 * (things + modifiers + numbers) - repeats) / max(len(words), 10)

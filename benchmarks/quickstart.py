@@ -115,7 +115,7 @@ def _ppo_overrides(pairs: list[str]) -> dict:
 
 def _ppo_patch(ppo: dict) -> str:
     """A cell that makes every `Recipe.ppo_config(...)` call of the kernel apply `ppo` over its arguments."""
-    return ("import labkit.recipes as _recipes  # benchmarks/quickstart.py --ppo\n"
+    return ("import labkit.recipes as _recipes  # --ppo of benchmarks/quickstart.py or notebook_times.py\n"
             "_ppo_config = _recipes.Recipe.ppo_config\n"
             f"_recipes.Recipe.ppo_config = lambda self, **kw: _ppo_config(self, **{{**kw, **{ppo!r}}})")
 

@@ -236,7 +236,8 @@ def test_make_comparisons_with_tiny_model(store, tiny):
 
 
 def test_make_policy_vs_rho_stores_blind_pairs(tmp_path):
-    from labkit.labeling.comparisons import make_policy_vs_rho
+    from labkit.evaluate import win_rate_from_store
+    from labkit.labeling.comparisons import make_policy_vs_rho, policy_source
     from labkit.labeling.store import LabelStore
     from labkit.models import load_lm
     from labkit.rl import PPOConfig, PPOTrainer
@@ -247,10 +248,26 @@ def test_make_policy_vs_rho_stores_blind_pairs(tmp_path):
     trainer = PPOTrainer(model, tok, task, lambda q, r: [0.0] * len(r), ["A prompt. Here it is."],
                          PPOConfig(batch_size=2), verbose=False)
     store = LabelStore(tmp_path / "labels.db")
-    ids = make_policy_vs_rho(store, trainer, ["First. Prompt one.", "Second. Prompt two."], seed=3)
+    prompts = ["First. Prompt one.", "Second. Prompt two."]
+    ids = make_policy_vs_rho(store, trainer, prompts, seed=3)
     comps = [store.comparison(i) for i in ids]
-    assert [c.sources for c in comps] == [["rho", "policy@0"]] * 2 and {c.kind for c in comps} == {"eval"}
+    before = policy_source(trainer)
+    assert re.fullmatch(r"policy@0:[0-9a-f]{8}", before)
+    assert [c.sources for c in comps] == [["rho", before]] * 2 and {c.kind for c in comps} == {"eval"}
     assert all(len(c.responses) == 2 and len(c.response_tokens[0]) == 4 for c in comps)
+
+    # another policy at the same update count (a new PPO run, say) is another source, and the win rate can count
+    # only its comparisons: here rho won the first policy's, the second's won both
+    with torch.no_grad():
+        next(trainer.policy.parameters()).add_(0.5)
+    after = policy_source(trainer)
+    assert after != before and after.startswith("policy@0:")
+    again = make_policy_vs_rho(store, trainer, prompts, seed=3)
+    store.record_labels([dict(comparison_id=i, best=0, labeler="ann") for i in ids]
+                        + [dict(comparison_id=i, best=1, labeler="ann") for i in again])
+    assert win_rate_from_store(store, task.name)["n"] == 4   # every policy's comparisons
+    now = win_rate_from_store(store, task.name, policy_source_prefix=after)
+    assert (now["n"], now["rate"]) == (2, 1.0)
 
 
 def test_leading_line_breaks_are_marks_not_blank_lines():

@@ -15,6 +15,7 @@ import torch
 
 from labkit.data import Prompt
 from labkit.labeling.store import LabelStore
+from labkit.models import weights_fingerprint
 from labkit.sampling import sample
 from labkit.tasks import Task, format_query, get_task
 
@@ -152,13 +153,22 @@ def make_comparisons(
     return ComparisonIds(store.add_comparisons(items) if items else [], left_out)
 
 
+def policy_source(trainer) -> str:
+    """The source a blind comparison records for the trainer's policy as it is now: "policy@<update>:<weights>",
+    e.g. "policy@40:3f9a0c1e". The update count alone does not name a policy: a new PPO run (another seed, or the
+    folder deleted after relabeling) reaches update 40 too, and its comparisons must not be counted as the old
+    one's. The weights' fingerprint (labkit.models.weights_fingerprint, one pass over the weights) does."""
+    return f"policy@{trainer.step_count}:{weights_fingerprint(trainer.policy)[:8]}"
+
+
 def make_policy_vs_rho(store: LabelStore, trainer, prompts: list[Prompt | str], *, kind: str = "eval",
                        seed: int = 0) -> list[int]:
     """Blind 2-way comparisons for the paper's evaluation: one sample from rho, one from the policy.
 
-    Stored order is always [rho, policy] with sources "rho" and "policy@<update>"; the labeling widget
+    Stored order is always [rho, policy] with sources "rho" and `policy_source(trainer)`; the labeling widget
     shows them in a random order, so the labeler does not know which is which. `win_rate_from_store`
-    (labkit.evaluate) then counts how often the policy's sample was chosen.
+    (labkit.evaluate) then counts how often the policy's sample was chosen: pass it
+    `policy_source_prefix=policy_source(trainer)` to count only this policy's comparisons.
     """
     texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
     if not texts:
@@ -166,7 +176,7 @@ def make_policy_vs_rho(store: LabelStore, trainer, prompts: list[Prompt | str], 
     task = trainer.task
     rho_roll = trainer.sample_rho(texts, seed=seed)
     pi_roll = trainer.sample_policy(texts, seed=seed + 1)
-    policy = f"policy@{trainer.step_count}"
+    policy = policy_source(trainer)
     rho_rows, pi_rows = rollout_rows(rho_roll, trainer.tokenizer), rollout_rows(pi_roll, trainer.tokenizer)
     items = [comparison_item(task.name, p, [rho_rows[i], pi_rows[i]], ["rho", policy], kind)
              for i, p in enumerate(prompts)]

@@ -115,6 +115,29 @@ def test_notebook_times_overrides_ppo_settings_where_the_notebook_builds_them(tm
     (last,) = sorted((tmp_path / "lab/ppo/checkpoints").glob("step-*"))[-1:]
     assert json.loads((last / "trainer.json").read_text())["config"]["seed"] == 2   # the run the notebook trained
 
+    # --reuse: the kept labels (one more added by hand here, which a fresh sampling could not have) and reward model
+    # are loaded; PPO starts afresh with the new seed
+    from labkit.labeling.store import LabelStore
+
+    store = LabelStore(tmp_path / "lab/labels.db")
+    mine = store.comparisons(task="descriptiveness", kind="train")[0]
+    store.record_label(mine.id, 1, "reuse-test")
+    store.close()
+    (again,) = notebook_times.main(["--smoke", "--reuse", str(tmp_path / "lab"), "--ppo", "seed=3",
+                                    "--keep", str(tmp_path / "lab2"), str(nb)])
+    assert again["reused"] == str(tmp_path / "lab") and again["effect"]["updates"] == line["effect"]["updates"]
+    kept = LabelStore(tmp_path / "lab2/labels.db")
+    assert [(lab.comparison_id, lab.best) for lab in kept.labels(labeler="reuse-test")] == [(mine.id, 1)]
+    policies = {c.sources[1] for c in kept.comparisons(task="descriptiveness", kind="eval")}
+    assert len(policies) == 2   # the blind evaluation judged this run's policy, not the kept run's again
+    kept.close()
+    steps = [json.loads(r)["step"] for r in (tmp_path / "lab2/ppo/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, again["effect"]["updates"] + 1))   # a new run, not the kept one continued
+    (last,) = sorted((tmp_path / "lab2/ppo/checkpoints").glob("step-*"))[-1:]
+    assert json.loads((last / "trainer.json").read_text())["config"]["seed"] == 3
+    with pytest.raises(SystemExit, match="no labels.db there"):
+        notebook_times.main(["--reuse", str(tmp_path / "nothing"), str(nb)])
+
 
 def test_notebook_times_keeps_the_one_lab_folder_a_notebook_wrote(tmp_path):
     sys.path.insert(0, str(BENCH))

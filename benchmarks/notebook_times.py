@@ -29,7 +29,7 @@ from pathlib import Path
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quickstart import EFFECT_FILE, _constants, _ppo_overrides, _ppo_patch, effect_of, executed  # noqa: E402
+from quickstart import _constants, _ppo_overrides, _ppo_patch, check_kept, copy_kept_lab, effect_of, executed  # noqa: E402
 from record import emit  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def time_notebook(path: Path, smoke: bool, timeout: int, keep: Path | None = Non
 
     def copy_lab(work: Path):  # labels and reward model: the notebook loads them; its PPO run starts afresh
         if reuse is not None:
-            shutil.copytree(reuse, work / lab, ignore=shutil.ignore_patterns("ppo", EFFECT_FILE))
+            copy_kept_lab(reuse, work / lab)
 
     with executed(nb, smoke, timeout, before=copy_lab) as (work, total, seconds):
         effect = effect_of(work)
@@ -82,8 +82,8 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("--keep keeps one notebook's lab folder: pass one notebook")
     if args.reuse is not None and len(args.notebooks) != 1:
         raise SystemExit("--reuse starts one notebook from a kept lab folder: pass one notebook")
-    if args.reuse is not None and not (args.reuse / "labels.db").exists():
-        raise SystemExit(f"--reuse {args.reuse}: no labels.db there; pass a folder written by --keep")
+    if args.reuse is not None:
+        check_kept(args.reuse)
     missing = [str(p) for p in args.notebooks if not p.is_file()]
     if missing:
         raise SystemExit(f"no such notebook: {', '.join(missing)}")

@@ -187,6 +187,19 @@ def effect_of(work: Path) -> dict | None:
     return json.loads(found[0].read_text()) if found else None
 
 
+def check_kept(folder: Path) -> None:
+    """--reuse's folder must be one --keep wrote: refused now, not after the notebook has run for minutes."""
+    if not (folder / "labels.db").exists():
+        raise SystemExit(f"--reuse {folder}: no labels.db there; pass a folder written by --keep")
+
+
+def copy_kept_lab(kept: Path, lab: Path, with_ppo: bool = False) -> None:
+    """A kept lab folder copied to where a notebook keeps its lab (`lab`): its labels and reward model, its PPO run
+    only `with_ppo`, never the effect file of its last evaluation."""
+    skip = (EFFECT_FILE,) if with_ppo else ("ppo", EFFECT_FILE)
+    shutil.copytree(kept, lab, ignore=shutil.ignore_patterns(*skip))
+
+
 def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, reuse: Path | None = None,
         ppo: dict | None = None, continue_ppo: bool = False) -> dict:
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -199,8 +212,7 @@ def run(overrides: dict, smoke: bool, timeout: int, keep: Path | None = None, re
 
     def copy_lab(work: Path):  # labels and reward model; PPO starts afresh unless continue_ppo
         if reuse is not None:
-            skip = (EFFECT_FILE,) if continue_ppo else ("ppo", EFFECT_FILE)
-            shutil.copytree(reuse, work / lab_dir(smoke), ignore=shutil.ignore_patterns(*skip))
+            copy_kept_lab(reuse, work / lab_dir(smoke), with_ppo=continue_ppo)
 
     with executed(nb, smoke, timeout, before=copy_lab) as (work, total, seconds):
         effect = effect_of(work)
@@ -226,8 +238,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--continue-ppo", action="store_true",
                         help="with --reuse: continue that folder's PPO run to PPO_UPDATES instead of starting afresh")
     args = parser.parse_args(argv)
-    if args.reuse is not None and not (args.reuse / "labels.db").exists():
-        raise SystemExit(f"--reuse {args.reuse}: no labels.db there; pass a folder written by --keep")
+    if args.reuse is not None:
+        check_kept(args.reuse)
     if args.continue_ppo and (args.reuse is None or not (args.reuse / "ppo").is_dir()):
         raise SystemExit(f"--continue-ppo needs --reuse DIR with a PPO run in DIR/ppo (got --reuse {args.reuse})")
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -2,6 +2,7 @@
 with labeling on the main thread, and the validation win rate."""
 
 import math
+import re
 import time
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 import labkit.labeling.online
 import labkit.rl.trainer
 import labkit.sampling
+from labkit.evaluate import win_rate
+from labkit.labeling.comparisons import policy_source
 from labkit.labeling.labelers import label_pending
 from labkit.labeling.store import LabelStore
 from labkit.models import load_lm
@@ -71,14 +74,18 @@ def test_new_comparisons_come_from_the_current_policy_and_rho(tmp_path):
     train = loop.store.comparisons(task=TASK.name, kind="train")
     val = loop.store.comparisons(task=TASK.name, kind="validation")
     assert [c.id for c in train + val] == ids
-    assert all(c.sources == ["policy@0"] * 4 for c in train)
-    assert all(c.sources == ["rho", "rho", "policy@0", "policy@0"] for c in val)
+    # the policy's name: its update count and its weights (policy_source), the same on every response
+    policy = policy_source(loop.trainer)
+    assert re.fullmatch(r"policy@0:[0-9a-f]{8}", policy)
+    assert all(c.sources == [policy] * 4 for c in train)
+    assert all(c.sources == ["rho", "rho", policy, policy] for c in val)
     for c in train + val:
         assert c.query and c.query_tokens
         assert all(len(t) == TASK.response_length for t in c.response_tokens)
         assert len(c.extra["full_responses"]) == 4 and c.extra["found"] == [True] * 4
     loop.trainer.step()
-    assert all(c.sources[-1] == "policy@1" for c in map(loop.store.comparison, loop.new_comparisons(n=1)))
+    assert all(c.sources[-1] == policy_source(loop.trainer) != policy and c.sources[-1].startswith("policy@1:")
+               for c in map(loop.store.comparison, loop.new_comparisons(n=1)))
     assert loop.pending("mock:dots") == 3 + 1 + 1
 
 
@@ -189,8 +196,41 @@ def test_policy_win_rate_on_labeled_validation_comparisons(tmp_path):
     labels = loop.store.training_set(task=TASK.name, kind="validation")
     assert result["n"] == 4 and 0 <= result["low"] <= result["rate"] <= result["high"] <= 1
     assert result["rate"] == sum(lab.best >= 2 for _, lab in labels) / 4  # y2, y3 are pi's
-    assert result["chance"] == 0.5
+    assert result["chance"] == 0.5 and result["policies"] == 1 and result["updates"] == (0, 0)
     assert loop.policy_win_rate("mock:dots")["n"] == 4
+    with pytest.raises(ValueError, match="'nobody'"):
+        loop.policy_win_rate("nobody")
+
+
+def test_validation_win_rate_per_policy(tmp_path):
+    """The validation stream judges a different pi after every update: a rate per policy, and pooled ones that say
+    which updates they cover. Labels are set by hand (pi's response wins or loses) so every count is known."""
+    loop = make_loop(tmp_path, validation_per_round=3)
+    store = loop.store
+    first = loop.new_comparisons(n=0)                  # pi at update 0 (= rho): 3 comparisons
+    names = [policy_source(loop.trainer)]
+    loop.trainer.step()
+    second = loop.new_comparisons(n=0)                 # pi at update 1: 3 more
+    names.append(policy_source(loop.trainer))
+    # update 0: pi loses twice, wins once; update 1: pi wins 3 of 3 (one labeler), and a second labeler once
+    picks = [(first[0], 0), (first[1], 1), (first[2], 2), (second[0], 3), (second[1], 2), (second[2], 3)]
+    store.record_labels([dict(comparison_id=i, best=best, labeler="alice") for i, best in picks])
+    store.record_labels([dict(comparison_id=second[0], best=0, labeler="bob")])
+
+    rows = loop.policy_win_rates()
+    assert [(r["policy"], r["update"], r["n"], r["rate"]) for r in rows] == [(names[0], 0, 3, 1 / 3),
+                                                                            (names[1], 1, 4, 3 / 4)]
+    assert all(r["low"] <= r["rate"] <= r["high"] and r["chance"] == 0.5 for r in rows)
+    assert [r["rate"] for r in loop.policy_win_rates("alice")] == [1 / 3, 1.0]
+    assert [r["n"] for r in loop.policy_win_rates("bob")] == [1] and loop.policy_win_rates("bob")[0]["rate"] == 0
+
+    pooled = loop.policy_win_rate()                    # every policy: 1 + 3 wins of 7
+    assert (pooled["n"], pooled["rate"], pooled["policies"], pooled["updates"]) == (7, 4 / 7, 2, (0, 1))
+    assert pooled == {**win_rate(4, 7), "chance": 0.5, "policies": 2, "updates": (0, 1)}
+    later = loop.policy_win_rate(since_update=1)       # only pi after its update
+    assert (later["n"], later["rate"], later["policies"], later["updates"]) == (4, 3 / 4, 1, (1, 1))
+    with pytest.raises(ValueError, match=r"since_update.*\[0, 1\]"):
+        loop.policy_win_rate(since_update=2)
 
 
 def test_stop_button_stops_the_loop(tmp_path):

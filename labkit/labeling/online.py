@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from labkit.checks import at_least, check_types, one_of
-from labkit.labeling.comparisons import comparison_item, rollout_rows
+from labkit.labeling.comparisons import comparison_item, policy_source, rollout_rows
 from labkit.data import Prompt
-from labkit.evaluate import win_rate_from_store
+from labkit.evaluate import win_rate
 from labkit.labeling.store import LabelStore
 from labkit.rl.trainer import PPOTrainer
 from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
@@ -135,14 +135,14 @@ class OnlineLoop:
     # ------------------------------------------------------------------------------------------
     # comparisons to label
 
-    def _sample_pi(self, queries: list[list[int]], seed: int) -> tuple[Rollout, int]:
-        """Sample the current policy; also return the update count those weights are at."""
+    def _sample_pi(self, queries: list[list[int]], seed: int) -> tuple[Rollout, str]:
+        """Sample the current policy; also return its name, "policy@<update>:<weights>" (policy_source)."""
         trainer = self.trainer
         gen = torch.Generator(device=trainer.device).manual_seed(seed)
-        with trainer._lock:  # never mid-update; step_count read under the same lock matches the weights
+        with trainer._lock:  # never mid-update; the name read under the same lock is that of the sampled weights
             roll = sample(trainer.policy, self.tokenizer, queries, self.task, generator=gen,
                           batch_size=trainer.config.generation_batch_size)
-            return roll, trainer.step_count
+            return roll, policy_source(trainer)
 
     def _sample_rho(self, queries: list[list[int]], seed: int) -> Rollout:
         gen = torch.Generator(device=next(self.rho_lm.parameters()).device).manual_seed(seed)
@@ -151,8 +151,8 @@ class OnlineLoop:
 
     def new_comparisons(self, n: int | None = None) -> list[int]:
         """Store `n` (default comparisons_per_round) 4-way comparisons sampled from the current policy
-        (kind "train", sources "policy@<update>") and validation_per_round validation comparisons
-        (sources rho, rho, policy, policy). Returns the new ids: train ones first."""
+        (kind "train", every source the policy's name "policy@<update>:<weights>") and validation_per_round
+        validation comparisons (sources rho, rho, policy, policy). Returns the new ids: train ones first."""
         cfg = self.config
         n = cfg.comparisons_per_round if n is None else n
         train = self._rng.choices(self.prompts, k=n)
@@ -165,7 +165,7 @@ class OnlineLoop:
             return [format_query(self.task, _text(p), self.tokenizer) for p in prompts for _ in range(per_prompt)]
 
         # 1. pi: K responses per train prompt, then `half` per validation prompt, in one locked pass
-        roll, step = self._sample_pi(queries(train, K) + queries(val, half), seed=self._rng.randrange(2**31))
+        roll, policy = self._sample_pi(queries(train, K) + queries(val, half), seed=self._rng.randrange(2**31))
         pi_rows = rollout_rows(roll, self.tokenizer)
         # 2. rho: the other half of each validation comparison (rho is frozen: no lock needed)
         rho_rows = []
@@ -173,7 +173,6 @@ class OnlineLoop:
             rho_rows = rollout_rows(self._sample_rho(queries(val, half), seed=self._rng.randrange(2**31)), self.tokenizer)
 
         # 3. store all of them in one transaction
-        policy = f"policy@{step}"
         items = [comparison_item(self.task.name, p, pi_rows[i * K:(i + 1) * K], [policy] * K, "train")
                  for i, p in enumerate(train)]
         val_pi = pi_rows[len(train) * K:]
@@ -292,15 +291,52 @@ class OnlineLoop:
     # ------------------------------------------------------------------------------------------
     # evaluation
 
-    def policy_win_rate(self, labeler: str | None = None) -> dict:
-        """How often labelers preferred pi's responses to rho's in the labeled validation comparisons:
-        {"rate", "low", "high", "n", "chance" (0.5: 2 of 4 responses are pi's)}; one labeler's if given."""
-        result = win_rate_from_store(self.store, self.task.name, policy_source_prefix="policy", kind="validation")
-        if labeler is None:
-            return result
-        if labeler not in result["by_labeler"]:
-            raise ValueError(f"{labeler!r} labeled no validation comparisons; labelers: {sorted(result['by_labeler'])}")
-        return {**result["by_labeler"][labeler], "chance": result["chance"]}
+    def _validation_picks(self, labeler: str | None) -> dict[str, list[bool]]:
+        """{policy source: [did pi win?] per labeled validation comparison of that policy}, policies in the order
+        they were first sampled; only `labeler`'s labels if given."""
+        picks: dict[str, list[bool]] = {}
+        for comparison, label in self.store.training_set(task=self.task.name, kind="validation"):
+            is_policy = [source.startswith("policy@") for source in comparison.sources]
+            if all(is_policy) or not any(is_policy) or (labeler is not None and label.labeler != labeler):
+                continue
+            picks.setdefault(comparison.sources[is_policy.index(True)], []).append(is_policy[label.best])
+        if not picks:
+            who = "anyone" if labeler is None else repr(labeler)
+            raise ValueError(f"no validation comparisons of task {self.task.name!r} are labeled by {who} yet; "
+                             "label some (in the widget, or labelers.label_pending(..., kind='validation')) first")
+        return picks
+
+    def policy_win_rates(self, labeler: str | None = None) -> list[dict]:
+        """How often labelers preferred pi's responses to rho's in the labeled validation comparisons, per
+        policy: one row per policy that made some, oldest first, each {"policy" (its source name), "update",
+        "rate", "low", "high", "n", "chance" (0.5: 2 of the 4 responses are pi's)}; only `labeler`'s labels if
+        given. Each row judges one policy: pi at update 0 is rho, so early rows sit near chance and later ones
+        say whether training moved pi the labelers' way. A row's interval is wide when its policy has only a
+        few comparisons: `policy_win_rate(since_update=)` pools the later ones. Every run whose comparisons are
+        in this store has its rows (a new run in the same lab has other weights, so other names)."""
+        return [{"policy": name, "update": _update_of(name), **win_rate(sum(won), len(won)), "chance": 0.5}
+                for name, won in self._validation_picks(labeler).items()]
+
+    def policy_win_rate(self, labeler: str | None = None, since_update: int = 0) -> dict:
+        """The validation win rate of pi against rho pooled over the policies from update `since_update` on:
+        `win_rate` plus "chance" (0.5), "policies" (how many were pooled) and "updates" (the first and last
+        update among them). The default, 0, pools every policy of the run: a running rate, which the early,
+        rho-like policies pull towards chance. For the policy as it is now, use a blind evaluation
+        (labeling.comparisons.make_policy_vs_rho, as the notebooks do) or `policy_win_rates()[-1]`."""
+        picks = {name: won for name, won in self._validation_picks(labeler).items() if _update_of(name) >= since_update}
+        if not picks:
+            raise ValueError(f"no labeled validation comparisons of a policy at update >= {since_update}; lower "
+                             f"since_update (the labeled ones are of updates "
+                             f"{sorted({_update_of(n) for n in self._validation_picks(labeler)})})")
+        won = [w for ws in picks.values() for w in ws]
+        updates = [_update_of(name) for name in picks]
+        return {**win_rate(sum(won), len(won)), "chance": 0.5, "policies": len(picks),
+                "updates": (min(updates), max(updates))}
+
+
+def _update_of(source: str) -> int:
+    """The update count in a policy's source name: "policy@40:3f9a0c1e" (or, before weights were named, "policy@40")."""
+    return int(source.split("@", 1)[1].split(":", 1)[0])
 
 
 def stop_button(loop: OnlineLoop):

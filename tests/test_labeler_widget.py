@@ -270,6 +270,43 @@ def test_make_policy_vs_rho_stores_blind_pairs(tmp_path):
     assert (now["n"], now["rate"]) == (2, 1.0)
 
 
+def test_a_source_filtered_queue_shows_one_policy_only(store):
+    """The blind evaluation of the policy as it is now: an older policy's pending comparisons are not shown, and the
+    progress line and undo keep to the same queue. pending/count_labels(source=) against a reference in Python."""
+    def add(query, sources, kind="eval"):
+        return store.add_comparison(TASK, query, [f"{query} {s}" for s in sources], sources=sources, kind=kind)
+
+    old = [add(f"old {i}", ["rho", "policy@40:aaaaaaaa"]) for i in range(2)]
+    new = [add(f"new {i}", ["policy@40:bbbbbbbb", "rho"]) for i in range(3)]
+    add("train", ["policy@40:bbbbbbbb"] * 2, kind="train")
+    add("prefix", ["rho", "policy@40:bbbbbbbb0"])       # only an exact source matches, not a prefix of it
+    comparisons = store.comparisons(task=TASK)
+    for source in ("policy@40:bbbbbbbb", "policy@40:aaaaaaaa", "rho", "nobody"):
+        expected = [c.id for c in comparisons if source in c.sources and c.kind == "eval"]
+        assert store.pending("ann", task=TASK, kind="eval", source=source) == expected
+
+    lab = ComparisonLabeler(store, SENTIMENT, labeler="ann", kind="eval", source="policy@40:bbbbbbbb", seed=0)
+    assert lab.current.id == new[0] and "queued 3" in lab._progress.value
+    lab.choose(0)
+    lab.choose(1)
+    assert [label.comparison_id for label in store.labels()] == new[:2]
+    assert "labeled 2 (2 this session)" in lab._progress.value and "queued 1" in lab._progress.value
+    assert store.count_labels(task=TASK, source="policy@40:aaaaaaaa") == 0
+    assert store.count_labels(task=TASK, source="policy@40:bbbbbbbb") == store.count_labels(task=TASK) == 2
+    lab.skip()
+    assert lab.current is None and "source &#x27;policy@40:bbbbbbbb&#x27;" in lab._empty.value
+    # the older policy's comparisons are still in the store, for a queue that asks for them
+    other = ComparisonLabeler(store, SENTIMENT, labeler="ann", kind="eval", source="policy@40:aaaaaaaa")
+    assert other.current.id == old[0]
+    other.choose(0)
+    lab.undo()   # ann's last action was in the other queue: retracted, and this queue stays empty
+    assert "not in this queue" in lab._status.value and lab.current is None
+    lab.undo()   # the skip of new[2]: shown again
+    assert lab.current.id == new[2]
+    with pytest.raises(ValueError, match="source must be"):
+        ComparisonLabeler(store, SENTIMENT, source="")
+
+
 def test_leading_line_breaks_are_marks_not_blank_lines():
     shown = response_html("\n\nHello <b>", "\n\nHello <b> and more", True)
     assert "↵↵ </span><span>Hello &lt;b&gt;</span>" in shown and "\n" not in shown.split("↵↵")[1].split("[cut]")[0]

@@ -439,10 +439,12 @@ class LabelStore:
 
     # ---- queries ----
 
-    def pending(self, labeler, task=None, kind=None, *, exclude_labeled_by_others=False) -> list[int]:
+    def pending(self, labeler, task=None, kind=None, *, source=None, exclude_labeled_by_others=False) -> list[int]:
         """Ids of comparisons `labeler` has neither labeled nor skipped (retracted ones count as not done),
-        oldest first. exclude_labeled_by_others=True also leaves out every comparison that any other labeler
-        has labeled or skipped (live): what a mock labeler fills in around people (labelers.label_pending)."""
+        oldest first. source: only comparisons with a response from that source (e.g. one policy's blind
+        evaluation, "policy@40:3f9a0c1e"). exclude_labeled_by_others=True also leaves out every comparison that
+        any other labeler has labeled or skipped (live): what a mock labeler fills in around people
+        (labelers.label_pending)."""
         if exclude_labeled_by_others:  # nobody's live label or skip, this labeler's included
             done = ["c.id NOT IN (SELECT comparison_id FROM live_labels)",
                     "c.id NOT IN (SELECT comparison_id FROM live_skips)"]
@@ -451,16 +453,16 @@ class LabelStore:
             done = ["c.id NOT IN (SELECT comparison_id FROM live_labels WHERE labeler = ?)",
                     "c.id NOT IN (SELECT comparison_id FROM live_skips WHERE labeler = ?)"]
             labelers = (labeler, labeler)
-        where, args = _filters(*done, task=task, kind=kind)
+        where, args = _filters(*done, task=task, kind=kind, source=source)
         with self._read() as db:
             rows = db.execute(f"SELECT c.id FROM comparisons c {where} ORDER BY c.id", (*labelers, *args))
             return [r[0] for r in rows]
 
-    def count_labels(self, task=None, kind=None, labeler=None, since: float | None = None) -> int:
-        """How many live labels match, submitted at or after `since` if given: one COUNT query (the labeling
-        widget's counter asks on every click)."""
+    def count_labels(self, task=None, kind=None, labeler=None, since: float | None = None, *, source=None) -> int:
+        """How many live labels match (of comparisons with a response from `source`, if given), submitted at or
+        after `since` if given: one COUNT query (the labeling widget's counter asks on every click)."""
         extra = ["r.id IS NULL"] + (["l.submitted_at >= ?"] if since is not None else [])
-        where, args = _filters(*extra, task=task, kind=kind, labeler=labeler)
+        where, args = _filters(*extra, task=task, kind=kind, labeler=labeler, source=source)
         with self._read() as db:
             return db.execute(
                 f"""SELECT count(*) FROM labels l JOIN comparisons c ON c.id = l.comparison_id
@@ -1214,14 +1216,18 @@ def _write_atomically(path: Path, data: bytes):
         raise
 
 
-def _filters(*clauses, task=None, kind=None, labeler=None):
+def _filters(*clauses, task=None, kind=None, labeler=None, source=None):
     """A WHERE clause over comparisons `c` (and labels `l` for labeler) with its parameters; `clauses` are
-    extra conditions ANDed in."""
+    extra conditions ANDed in. source: some response of the comparison comes from it (an element of the
+    JSON list `c.sources`)."""
     clauses, args = list(clauses), []
     for column, value in (("c.task", task), ("c.kind", kind), ("l.labeler", labeler)):
         if value is not None:
             clauses.append(f"{column} = ?")
             args.append(value)
+    if source is not None:
+        clauses.append("EXISTS (SELECT 1 FROM json_each(c.sources) WHERE json_each.value = ?)")
+        args.append(source)
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 

@@ -4,7 +4,7 @@
                                     store, model, tok, SENTIMENT, prompts[:8], progress=False))
     labeler                   # show it; click a response's button, or click the key area and press 1-4
 
-A thin view over the store: the queue is `store.pending(labeler, task, kind)`, every click is one
+A thin view over the store: the queue is `store.pending(labeler, task, kind, source=)`, every click is one
 `record_label(..., if_pending=True)` (which returns only after the label is committed to disk, and refuses a
 comparison this labeler already labeled or skipped in another view) and only then does the view move on.
 Each render reads what it shows from the store (the queue, and the labeler's labels for the progress line),
@@ -172,20 +172,28 @@ class KeyCapture(anywidget.AnyWidget):
 class ComparisonLabeler:
     """Label the comparisons of one task (and kind) that `labeler` has not labeled or skipped yet.
 
+    source: only comparisons with a response from this source, e.g. the blind evaluation of the policy as it is
+    now (`ComparisonLabeler(store, task, kind="eval", source=policy_source(trainer))`): an older policy's
+    comparisons, which its win rate no longer counts, are then not shown.
+
     refill: called with no arguments, in a background thread (one at a time), when fewer than `low_water`
     comparisons are left; it should add comparisons to the store (e.g. a lambda around make_comparisons).
     seed: seeds the order in which each comparison's responses are shown.
     """
 
     def __init__(self, store: LabelStore, task: Task | str, labeler: str = "me", kind: str | None = None,
-                 refill=None, low_water: int = 5, seed: int | None = None):
+                 refill=None, low_water: int = 5, seed: int | None = None, source: str | None = None):
         if not isinstance(labeler, str) or not labeler.strip():
             raise ValueError(f"labeler must be a non-empty name such as 'alice', got {labeler!r}")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise ValueError(f"source must be a model's name as stored with comparisons (e.g. 'rho', or "
+                             f"labeling.comparisons.policy_source(trainer)), or None for every source; got {source!r}")
         if refill is not None and not callable(refill):
             raise TypeError(f"refill must be a function taking no arguments (or None), got {type(refill).__name__}")
         self.store = store
         self.task = get_task(task)
         self.kind = kind
+        self.source = source
         self.refill = refill
         self.low_water = low_water
         self._seed = random.randrange(2**63) if seed is None else seed
@@ -326,6 +334,7 @@ class ComparisonLabeler:
     def _show_empty(self):
         self.current, self._shown_at = None, None
         kind = "" if self.kind is None else f", kind {self.kind!r}"
+        kind += "" if self.source is None else f", source {self.source!r}"
         if self._refilling:
             what_next = "new comparisons are being sampled and appear here when ready"
         elif self.refill is not None:
@@ -343,7 +352,7 @@ class ComparisonLabeler:
     def _render_progress(self, queued: int):
         # The store's total, so that a restarted kernel does not read "labeled 0" over labels that are all there;
         # this session's count beside it, and the rate from it.
-        total = self.store.count_labels(task=self.task.name, kind=self.kind, labeler=self.labeler)
+        total = self.store.count_labels(task=self.task.name, kind=self.kind, labeler=self.labeler, source=self.source)
         labeled = self._labeled_this_session()
         rate = "–"
         if labeled:
@@ -357,7 +366,8 @@ class ComparisonLabeler:
         """This labeler's live labels in this queue since the session began: undone ones no longer count."""
         if self._session_start is None:
             return 0
-        return self.store.count_labels(task=self.task.name, kind=self.kind, labeler=self.labeler, since=self._session_start)
+        return self.store.count_labels(task=self.task.name, kind=self.kind, labeler=self.labeler,
+                                       since=self._session_start, source=self.source)
 
     def _say(self, text: str, error: bool = False):
         text = html.escape(text)
@@ -367,7 +377,7 @@ class ComparisonLabeler:
 
     def _refresh(self, keep_current: bool, may_refill: bool = True):
         """Re-read the queue; show its head unless the current comparison is kept; preload the next one."""
-        pending = self.store.pending(self.labeler, task=self.task.name, kind=self.kind)
+        pending = self.store.pending(self.labeler, task=self.task.name, kind=self.kind, source=self.source)
         if may_refill and self.refill is not None and len(pending) < self.low_water:
             self._start_refill()
         if not (keep_current and self.current is not None and self.current.id in pending):
@@ -456,8 +466,9 @@ class ComparisonLabeler:
                 self._say(f"nothing to undo: {self.labeler} has no label or skip left")
                 return
             c = self.store.comparison(undone["comparison_id"])
-            if c.task != self.task.name or (self.kind is not None and c.kind != self.kind):
-                # The labeler's last action was made elsewhere (another task or kind): it is retracted,
+            if (c.task != self.task.name or (self.kind is not None and c.kind != self.kind)
+                    or (self.source is not None and self.source not in c.sources)):
+                # The labeler's last action was made elsewhere (another task, kind or source): it is retracted,
                 # but this view keeps its own queue.
                 self._say(f"undid your {undone['type']} of comparison #{c.id} (task {c.task!r}, kind {c.kind!r}), "
                           "which is not in this queue")

@@ -46,13 +46,15 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def make_loop(tmp_path, **overrides):
-    """A trainer on the peaky tiny model (see tests/test_ppo.py) and an online loop around it."""
+def make_loop(tmp_path, total_updates=1000, **overrides):
+    """A trainer on the peaky tiny model (see tests/test_ppo.py) and an online loop around it. total_updates: the
+    background runs below ask for up to 200 updates, and stop long before."""
     model, tok = load_lm("tiny", device="cpu", seed=0)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(6.0)  # peaky: samples repeat tokens, '.' ~7%
     trainer = PPOTrainer(model, tok, TASK, lambda q, r: [s.count(".") for s in r], PROMPTS,
-                         PPOConfig(batch_size=8, ppo_epochs=1, lr=1e-3, kl_target=None, init_beta=0.0))
+                         PPOConfig(batch_size=8, ppo_epochs=1, lr=1e-3, kl_target=None, init_beta=0.0,
+                                   total_updates=total_updates))
     settings = dict(comparisons_per_round=2, validation_per_round=1, refit_every_labels=3, ppo_updates_per_round=1,
                     reward_config=RewardConfig(batch_size=4, normalize_samples=8))
     settings.update(overrides)
@@ -231,6 +233,17 @@ def test_validation_win_rate_per_policy(tmp_path):
     assert (later["n"], later["rate"], later["policies"], later["updates"]) == (4, 3 / 4, 1, (1, 1))
     with pytest.raises(ValueError, match=r"since_update.*\[0, 1\]"):
         loop.policy_win_rate(since_update=2)
+
+
+def test_rounds_and_background_runs_past_total_updates_are_refused_before_they_start(tmp_path):
+    loop = make_loop(tmp_path, total_updates=3, ppo_updates_per_round=2)
+    loop.round()
+    labeled = len(loop.store.comparisons())
+    with pytest.raises(ValueError, match="1 left"):
+        loop.round()          # two more updates, one left: no refit, no update, no comparisons
+    with pytest.raises(ValueError, match="1 left"):
+        loop.start(5, labeler="nobody")
+    assert loop.trainer.step_count == 2 and loop.thread is None and len(loop.store.comparisons()) == labeled
 
 
 def test_stop_button_stops_the_loop(tmp_path):

@@ -220,6 +220,33 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert not list((tmp_path / "run").glob("*.pt"))
 
 
+def test_updates_past_total_updates_are_refused_and_a_larger_horizon_resumes(tmp_path):
+    """At update total_updates the learning rate is 0: more updates would move nothing while their curves go on.
+    They are refused before any runs; built again with a larger total_updates, the run continues its decay."""
+    def make(total):
+        model, tok = peaky_tiny()
+        return PPOTrainer(model, tok, task(), lambda q, r: [s.count(".") for s in r], PROMPTS,
+                          config(batch_size=4, total_updates=total), run_dir=tmp_path / "run", verbose=False)
+
+    trainer = make(2)
+    with pytest.raises(ValueError, match=r"3 more PPO update\(s\) asked for at update 0.*2 left"):
+        trainer.train(3, progress=False)
+    assert trainer.step_count == 0 and not trainer.history   # refused whole: not two updates, then an error
+    trainer.train(2, progress=False)
+    assert trainer.updates_left() == 0 and trainer.history[-1]["lr"] > 0
+    weights = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    for more in (lambda: trainer.step(), lambda: trainer.train(1, progress=False),
+                 lambda: trainer.train_in_background(1)):
+        with pytest.raises(ValueError, match="larger total_updates on the same run_dir"):
+            more()
+    assert trainer.step_count == 2 and all(torch.equal(p, weights[n]) for n, p in trainer.policy.named_parameters())
+
+    resumed = make(4)   # the same run, a longer horizon: lr 1 - 2/4 of the peak at update 3, as a 4-update run's
+    assert resumed.step_count == 2 and resumed.updates_left() == 2
+    resumed.train(2, progress=False)
+    assert [m["lr"] for m in resumed.history[2:]] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 1 / 4])
+
+
 def test_a_resumed_trainers_dashboard_shows_the_runs_earlier_updates(tmp_path):
     from labkit.widgets import Dashboard
 

@@ -60,9 +60,10 @@ def test_smoke_run_prints_time_sections_and_effect_then_a_reused_lab_trains_ppo_
     assert saved["config"]["seed"] == 3 and saved["config"]["total_updates"] == 1
 
     # --continue-ppo: that lab's PPO run goes on from its update 1 to PPO_UPDATES, its first update's metrics kept
+    # (with a larger total_updates: at 1 its learning rate is 0 from update 1 on, and further updates are refused)
     first = json.loads((tmp_path / "lab2" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     more = quickstart.main(["--smoke", "--reuse", str(tmp_path / "lab2"), "--continue-ppo", "--set", "PPO_UPDATES=2",
-                            "--ppo", "seed=3", "--ppo", "total_updates=1", "--keep", str(tmp_path / "lab3")])
+                            "--ppo", "seed=3", "--ppo", "total_updates=2", "--keep", str(tmp_path / "lab3")])
     assert more["continued_ppo"] is True and more["updates"] == 2
     rows = [json.loads(r) for r in (tmp_path / "lab3" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0] == first

@@ -236,6 +236,7 @@ class OnlineLoop:
         """One labeling round from a cell: refit r if due, ppo_updates_per_round PPO updates, then new
         comparisons from the updated policy. Label those (widget or mock labeler) before the next round."""
         self._require_idle()
+        self.trainer.require_updates(self.config.ppo_updates_per_round)  # before a refit: refused whole
         fit = self.maybe_refit(reward_dashboard)
         updates = self.trainer.train(self.config.ppo_updates_per_round, dashboard=dashboard, progress=False)
         ids = self.new_comparisons()
@@ -254,6 +255,7 @@ class OnlineLoop:
         in `self.error`.
         """
         self._require_idle()
+        self.trainer.require_updates(n_updates)
         self._stop.clear()
         self.error = None
         args = (n_updates, dashboard, on_update, labeler, reward_dashboard)

@@ -31,7 +31,8 @@ class PPOConfig:
     lr * (1 - step / nupdates)). A short look at a long run, as 01_sentiment and 02_descriptiveness take, passes
     the released run's (`Recipe.released_total_updates`), so its updates keep about the peak rate, as the released
     run's first ones do; decaying to 0 over 20 updates all but stopped the policy over the last third
-    (docs/fidelity.md item 13)."""
+    (docs/fidelity.md item 13). Updates past it are refused (`PPOTrainer.require_updates`): at lr 0 they would
+    move nothing. A run resumed with a larger value continues its decay towards the new one."""
     optimizer: str = "tf_adam"
     """"tf_adam" (eps on the un-corrected sqrt(v), the original's; default) or "adam" (PyTorch's)."""
     init_beta: float | None = None

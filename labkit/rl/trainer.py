@@ -256,7 +256,9 @@ class PPOTrainer:
         Applied whole or not at all: if anything fails inside it (a reward that is not one finite number per
         rollout, non-finite log-probs, losses or gradients, an interrupt, any exception), the weights, the
         optimiser, the learning-rate schedule, the KL controller, every random stream and the step count are
-        put back as they were before it, and the error says what failed. Rerunning the cell repeats it."""
+        put back as they were before it, and the error says what failed. Rerunning the cell repeats it.
+        Refused before it starts when the learning rate has decayed to 0 (`require_updates`)."""
+        self.require_updates(1)
         before = _Before(self)
         try:
             metrics, roll, scores, kl = self._update(before)
@@ -576,6 +578,23 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------
     # training loops
 
+    def updates_left(self) -> int:
+        """Updates this run has before its learning rate reaches 0: PPOConfig.total_updates less those done."""
+        return self.config.total_updates - self.step_count
+
+    def require_updates(self, n_updates: int) -> None:
+        """Refuse `n_updates` more updates, before any of them runs, when some would run past `total_updates`: the
+        learning rate is 0 there (linear decay, as released), so they would sample, score and log curves that look
+        like training while the policy stays as it is."""
+        left = self.updates_left()
+        if n_updates > left:
+            raise ValueError(
+                f"{n_updates} more PPO update(s) asked for at update {self.step_count}, but this run's learning rate "
+                f"decays to 0 at update {self.config.total_updates} (PPOConfig.total_updates): {max(left, 0)} left "
+                "that would change the policy. Ask for at most that many, or build the trainer again with a larger "
+                "total_updates on the same run_dir: it resumes from its last checkpoint and the decay continues "
+                "towards the new horizon.")
+
     def train(self, n_updates: int, dashboard=None, progress: bool = True) -> list[dict]:
         """Run `n_updates` updates (stops early after the current update if `stop()` is called); returns their
         metrics (also appended to .history).
@@ -586,6 +605,7 @@ class PPOTrainer:
         """
         from tqdm.auto import tqdm
 
+        self.require_updates(n_updates)
         self._stop.clear()
         out = []
         if dashboard is not None and self.history and hasattr(dashboard, "load_history") and not dashboard.history:
@@ -609,6 +629,7 @@ class PPOTrainer:
 
     def train_in_background(self, n_updates: int, dashboard=None) -> threading.Thread:
         """Start `train(n)` in a thread and return at once, so widgets stay responsive while it runs."""
+        self.require_updates(n_updates)  # refused here, in the cell, not in the thread
         thread = threading.Thread(target=self.train, args=(n_updates, dashboard, False), daemon=True, name="labkit-ppo")
         thread.start()
         return thread

@@ -27,7 +27,8 @@ TASK = SENTIMENT.with_(response_length=6, truncation=None)
 
 def make(run_dir, save_every=1):
     model, tok = load_lm("tiny", device="cpu")
-    cfg = PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=1, lr=1e-3, total_updates=10, kl_target=1.0,
+    # total_updates: the killed run below trains 24 updates, every one of them at a learning rate above 0
+    cfg = PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=1, lr=1e-3, total_updates=30, kl_target=1.0,
                     init_beta=0.2, kl_horizon=100, save_every=save_every)
     return PPOTrainer(model, tok, TASK, lambda q, r: [s.count(".") + 0.1 * len(s) for s in r], PROMPTS, cfg,
                       run_dir=run_dir, verbose=False)

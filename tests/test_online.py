@@ -233,6 +233,12 @@ def test_validation_win_rate_per_policy(tmp_path):
     assert (later["n"], later["rate"], later["policies"], later["updates"]) == (4, 3 / 4, 1, (1, 1))
     with pytest.raises(ValueError, match=r"since_update.*\[0, 1\]"):
         loop.policy_win_rate(since_update=2)
+    # a validation comparison made elsewhere, its policy named some other way: said, not misread
+    (odd,) = store.add_comparisons([dict(task=TASK.name, query="q", responses=["a", "b"], sources=["rho", "policy@step12"],
+                                         kind="validation")])
+    store.record_labels([dict(comparison_id=odd, best=1, labeler="alice")])
+    with pytest.raises(ValueError, match="'policy@step12'.*policy@<update>:<weights>"):
+        loop.policy_win_rates()
 
 
 def test_rounds_and_background_runs_past_total_updates_are_refused_before_they_start(tmp_path):

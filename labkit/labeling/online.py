@@ -24,6 +24,7 @@ thread-safe by itself.
 from __future__ import annotations
 
 import random
+import re
 import threading
 from dataclasses import dataclass
 
@@ -338,7 +339,12 @@ class OnlineLoop:
 
 def _update_of(source: str) -> int:
     """The update count in a policy's source name: "policy@40:3f9a0c1e" (or, before weights were named, "policy@40")."""
-    return int(source.split("@", 1)[1].split(":", 1)[0])
+    found = re.fullmatch(r"policy@(\d+)(:[0-9a-f]+)?", source)
+    if found is None:
+        raise ValueError(f"a validation comparison names its policy {source!r}; the online loop names policies "
+                         "'policy@<update>:<weights>' (labeling.comparisons.policy_source), and the win rate per "
+                         "policy reads the update from that name")
+    return int(found.group(1))
 
 
 def stop_button(loop: OnlineLoop):

@@ -251,12 +251,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def weights_fingerprint(model) -> str:
     """sha256 of each parameter's name, shape, dtype and float64 sum (10 significant digits, so that the
     reduction order of another thread count does not change it). Tells a model from another with the same
-    shapes (gpt2 from a fine-tuned gpt2): one pass over the weights, a fraction of a second at 135M on a CPU."""
+    shapes (gpt2 from a fine-tuned gpt2): one pass over the weights, a fraction of a second at 135M on a CPU. A
+    model sharded across processes (FSDP2) is summed over this process's shards: no collective, a name per process."""
     import hashlib
 
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        total = torch.sum(p.detach(), dtype=torch.float64).item()
+        local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard
+        total = torch.sum(local.detach(), dtype=torch.float64).item()
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{total:.10g};".encode())
     return h.hexdigest()[:16]
 

@@ -57,6 +57,31 @@ def test_ppo_curves_equal_history():
     assert "step 29" in status and "KL 5.8 / 6" in status and "3.1 s/update" in status
 
 
+def test_a_change_of_reward_model_is_marked_in_the_score_panel():
+    """The online loop's refits swap r between updates: each change of "reward/model" gets a dotted line in the
+    Score panel, between the last update of the old r and the first of the new one; updates without a name do not
+    count as a change."""
+    dash = Dashboard(max_fps=1e9)
+    names = ["r:aaaa", "r:aaaa", "r:bbbb", None, "r:bbbb", "r:cccc", "r:cccc"]
+    for step, name in enumerate(names, start=1):
+        dash.log({**ppo_metrics(step), **({"reward/model": name} if name else {})})
+    assert dash.reward_changes() == [3, 6]
+    shapes = dash.figure.layout.shapes
+    assert [(sh.x0, sh.x1, sh.xref, sh.yref) for sh in shapes] == [(2.5, 2.5, "x", "y domain"),
+                                                                  (5.5, 5.5, "x", "y domain")]
+    assert {sh.label.text for sh in shapes} == {"new r"} and {sh.line.dash for sh in shapes} == {"dot"}
+    titles = [a.text for a in dash.figure.layout.annotations]
+    assert titles == [title for title, _ in PPO_PANELS]   # the panel titles stay
+    # a saved run's history (e.g. metrics.jsonl after a restart) shows the same marks
+    loaded = Dashboard(max_fps=1e9)
+    loaded.load_history(dash.history)
+    assert [sh.x0 for sh in loaded.figure.layout.shapes] == [2.5, 5.5]
+    one = Dashboard(max_fps=1e9)
+    for step in range(1, 4):
+        one.log({**ppo_metrics(step), "reward/model": "fn:vader"})
+    assert one.reward_changes() == [] and not one.figure.layout.shapes
+
+
 def test_missing_keys_leave_traces_empty_and_x_falls_back_to_index():
     dash = Dashboard(max_fps=1e9)  # no kl_target: the target line stays empty too
     for i in range(3):

@@ -19,6 +19,7 @@ from labkit.labeling.store import LabelStore
 from labkit.models import load_lm
 from labkit.labeling.online import OnlineConfig, OnlineLoop, stop_button
 from labkit.rl import PPOConfig, PPOTrainer
+from labkit.rl.trainer import reward_name
 from labkit.reward import RewardConfig, RewardModel
 from labkit.tasks import SENTIMENT
 from labkit.widgets import Dashboard
@@ -113,6 +114,11 @@ def test_rounds_refit_when_enough_labels_arrived(tmp_path):
     assert second["refit"]["online/labels"] == 6 and second["refit"]["online/refits"] == 2
     assert trainer.reward is not reward and isinstance(trainer.reward, RewardModel)
     assert trainer.step_count == 2 and len(trainer.history) == 2
+    # each update names the r that scored it (the dashboard marks where it changes): the first refit's, the second's
+    names = [m["reward/model"] for m in trainer.history]
+    assert names == [reward_name(reward), reward_name(trainer.reward)] and names[0] != names[1]
+    assert all(re.fullmatch(r"r:[0-9a-f]{8}", n) for n in names)
+    assert reward_name(lambda q, r: r) == "fn:test_rounds_refit_when_enough_labels_arrived.<locals>.<lambda>"
 
 
 def test_refits_read_what_the_config_says_and_a_layer_rho_lacks_is_refused(tmp_path):
@@ -234,8 +240,8 @@ def test_validation_win_rate_per_policy(tmp_path):
     with pytest.raises(ValueError, match=r"since_update.*\[0, 1\]"):
         loop.policy_win_rate(since_update=2)
     # a validation comparison made elsewhere, its policy named some other way: said, not misread
-    (odd,) = store.add_comparisons([dict(task=TASK.name, query="q", responses=["a", "b"], sources=["rho", "policy@step12"],
-                                         kind="validation")])
+    (odd,) = store.add_comparisons([dict(task=TASK.name, query="q", responses=["a", "b"], kind="validation",
+                                         sources=["rho", "policy@step12"])])
     store.record_labels([dict(comparison_id=odd, best=1, labeler="alice")])
     with pytest.raises(ValueError, match="'policy@step12'.*policy@<update>:<weights>"):
         loop.policy_win_rates()

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from labkit import distributed
-from labkit.models import model_identity
+from labkit.models import model_identity, weights_fingerprint
 from labkit.optim import gradients_are_finite, linear_decay_scheduler, make_optimizer, tensors_are_finite
 from labkit.reward import RewardModel
 from labkit.rl import checkpoint
@@ -224,7 +224,7 @@ class PPOTrainer:
             raise TypeError(f"reward is a {type(reward).__name__}: it must be a RewardModel, a function "
                             "(queries, responses) -> scores, or None until one is set.")
         takes = reward is not None and not isinstance(reward, RewardModel) and reward_takes_references(reward)
-        self._reward = (reward, takes)
+        self._reward = (reward, takes, reward_name(reward))
 
     def _resume(self, verbose: bool) -> None:
         """Continue from the run folder's newest complete checkpoint, if any, and cut metrics.jsonl back to it
@@ -275,7 +275,7 @@ class PPOTrainer:
         t = {"start": _clock(self.device)}
 
         # 1. sample queries and roll out pi (no state changes before step 6: an interrupt here is harmless)
-        roll, reward, references = self._rollout()
+        roll, reward, reward_id, references = self._rollout()
         t["generation"] = _clock(self.device)
 
         # 2. score the truncated responses
@@ -328,16 +328,17 @@ class PPOTrainer:
 
         metrics = self._metrics(roll, scores, kl, non_score, ref_logprobs, old_logprobs, old_values, stats, beta,
                                 kl_mean, lr, t)
+        metrics["reward/model"] = reward_id  # which r scored this update: the scores' scale changes with r
         return metrics, roll, scores, kl
 
     # ------------------------------------------------------------------------------------------
     # the update's parts, in order
 
-    def _rollout(self) -> tuple[Rollout, RewardModel | RewardFn, list[str | None] | None]:
+    def _rollout(self) -> tuple[Rollout, RewardModel | RewardFn, str | None, list[str | None] | None]:
         """Step 1: B queries drawn with replacement and pi's responses, keeping the sampler's keys and values of
-        the queries for the scoring pass; the reward, read under the lock (an online refit swaps it between
-        updates, never within one); and, for a reward function that takes them, the references of the rows'
-        prompts (row b's query is prompt idx[b]'s: `sample` keeps the order), else None.
+        the queries for the scoring pass; the reward and its name, read under the lock (an online refit swaps it
+        between updates, never within one); and, for a reward function that takes them, the references of the
+        rows' prompts (row b's query is prompt idx[b]'s: `sample` keeps the order), else None.
 
         Under several processes `idx` is this process's own draw (its rng is seeded per process) and the rollout
         holds only this process's rows, so each process scores its own rows with their own references."""
@@ -347,8 +348,8 @@ class PPOTrainer:
             roll = sample(self.policy, self.tokenizer, [self.queries[i] for i in idx], self.task,
                           generator=self.generator, batch_size=cfg.generation_batch_size, keep_query_prefix=True,
                           masked_ids=self.masked_ids)
-            reward, takes_references = self._reward
-            return roll, reward, [self.references[i] for i in idx] if takes_references else None
+            reward, takes_references, name = self._reward
+            return roll, reward, name, [self.references[i] for i in idx] if takes_references else None
 
     def _score(self, roll: Rollout, reward, references: list[str | None] | None = None) -> torch.Tensor:
         """Step 2: scores (B,) of truncated responses; the task's penalty where no truncation token was found.
@@ -644,7 +645,7 @@ class PPOTrainer:
         """The score PPO maximises, (B,), for any rollout (e.g. `sample_rho`'s or `sample_policy`'s on held-out
         prompts): the reward of each truncated response, the task's penalty where none was found. `references`
         (one per row) only for a reward function that takes them."""
-        reward, takes_references = self._reward
+        reward, takes_references, _ = self._reward
         if takes_references and (references is None or len(references) != len(roll)):
             raise ValueError(f"this trainer's reward takes references: pass one per row ({len(roll)})")
         return self._score(roll, reward, references if takes_references else None)
@@ -696,6 +697,18 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.time()
+
+
+def reward_name(reward) -> str | None:
+    """A short name for a reward, logged with every update as "reward/model": a reward model by its weights
+    ("r:3f9a0c1e", labkit.models.weights_fingerprint), a function by its name ("fn:vader_score"). Scores from two
+    reward models are on two scales (each refit of the online loop normalises a new r on rho), so the dashboard
+    marks where the name changes, and a curve across a refit is not read as the policy's doing."""
+    if reward is None:
+        return None
+    if isinstance(reward, RewardModel):
+        return f"r:{weights_fingerprint(reward)[:8]}"
+    return f"fn:{getattr(reward, '__qualname__', type(reward).__name__)}"
 
 
 # Metrics already equal on every process (global or shared state); all others are averaged over processes.

@@ -15,8 +15,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for editors and type checkers, which do not run __getattr__
-    from labkit.widgets.dashboard import Dashboard
-    from labkit.widgets.labeler import ComparisonLabeler
+    from labkit.widgets.dashboard import Dashboard as Dashboard  # "as": re-exported (__all__ is built from _EXPORTS)
+    from labkit.widgets.labeler import ComparisonLabeler as ComparisonLabeler
 
 
 def __getattr__(name):

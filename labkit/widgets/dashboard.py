@@ -37,6 +37,9 @@ RM_PANELS = (
 )
 # Reference levels, not measurements: drawn as dashed grey lines.
 REFERENCE_KEYS = {"objective/kl_target", "rm/chance_loss", "rm/chance_accuracy"}
+# Which reward scored each PPO update (labkit.rl.trainer.reward_name). Where it changes (the online loop's refits)
+# the Score panel gets a dotted line: scores of two reward models are on two scales, and a jump there is r's doing.
+REWARD_KEY = "reward/model"
 
 MAX_QUERY_CHARS = 160  # longer queries are cut from the front: the response continues the query's end
 ROW_HEIGHT_PX = 260
@@ -79,6 +82,7 @@ class Dashboard:
         self._samples: list[dict] = []
         self._last_redraw = -math.inf
         self._trace_keys: list[str] = []  # metric key of each trace in figure.data, in order
+        self._reward_marks: list = []  # x of each reward-model change drawn in the Score panel
         self._loaded = False  # history came from `load_history` (a saved run), not from a trainer's `log`
 
         self._stylesheet = widgets.HTML(f"<style>{_CSS}</style>", layout=widgets.Layout(display="none"))
@@ -166,6 +170,14 @@ class Dashboard:
                     mode = "lines+markers" if len(xs) <= MARKERS_UP_TO else "lines"
                     if trace.mode != mode:  # only a change is sent to the browser
                         trace.mode = mode
+                marks = self.reward_changes()
+                if marks != self._reward_marks and not self._trace_keys[0].startswith("rm/"):  # PPO panels only
+                    self._reward_marks = marks
+                    self.figure.layout.shapes = [
+                        dict(type="line", xref="x", yref="y domain", x0=x - 0.5, x1=x - 0.5, y0=0, y1=1,
+                             line=dict(dash="dot", color="grey", width=1),
+                             label=dict(text="new r", textposition="end", font=dict(size=10, color="grey")))
+                        for x in marks]
         self._status.value = self._status_html()
         self._table.value = samples_table_html(self._samples)
 
@@ -191,6 +203,19 @@ class Dashboard:
             self.figure.update_xaxes(visible=True)
             self.figure.update_yaxes(visible=True)
         self.figure.add_traces(traces, rows=[r for r, _ in positions], cols=[c for _, c in positions])
+
+    def reward_changes(self) -> list:
+        """Steps of the updates scored by another reward than the update before ("reward/model" differs: the online
+        loop refit r in between). Updates that do not name their reward neither count nor break the comparison."""
+        steps, last = [], None
+        for i, m in enumerate(self.history):
+            name = m.get(REWARD_KEY)
+            if name is None:
+                continue
+            if last is not None and name != last:
+                steps.append(m.get("step", i))
+            last = name
+        return steps
 
     def _series(self, key: str) -> tuple[list, list]:
         """(x, y) of one metric over the history: x is "step" if logged, else the entry's index.

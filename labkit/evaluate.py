@@ -280,13 +280,25 @@ def _t_quantile(p: float, df: int) -> float:
     return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
 
 
+def policy_verdicts(store, task: str, policy_source_prefix: str = "policy", kind: str = "eval"):
+    """Yield (comparison, label, won, share) for each labeled comparison that sets some responses of the policy
+    (source starts with `policy_source_prefix`) against some of other models: `won`, the chosen response is one of
+    the policy's; `share`, the policy's share of the responses (what a random choice wins). Each labeler's latest
+    live label per comparison (`store.training_set`); comparisons with only one side are left out. The one rule
+    behind every win rate (`win_rate_from_store`, the online loop's per policy)."""
+    for comparison, label in store.training_set(task=task, kind=kind):
+        is_policy = [source.startswith(policy_source_prefix) for source in comparison.sources]
+        if all(is_policy) or not any(is_policy):
+            continue
+        yield comparison, label, is_policy[label.best], sum(is_policy) / len(is_policy)
+
+
 def win_rate_from_store(store, task: str, policy_source_prefix: str = "policy", kind: str = "eval") -> dict:
     """The policy's win rate in blind comparisons against other models, read from a LabelStore.
 
-    Uses `store.training_set(task, kind)`: each labeler's latest live label per comparison. A comparison
-    counts when some of its responses come from the policy (source starts with `policy_source_prefix`,
-    e.g. "policy@step12") and some do not (e.g. "rho", "reference"); the policy wins when the chosen
-    response is one of its own. Comparisons with only one side are ignored.
+    Counts the comparisons of `policy_verdicts`: those where some responses come from the policy (source starts
+    with `policy_source_prefix`, e.g. "policy@40:3f9a0c1e") and some do not (e.g. "rho", "reference"); the policy
+    wins when the chosen response is one of its own.
 
     Returns `win_rate(wins, n)` plus
       chance: the win rate of a labeler choosing at random (mean share of policy responses; 0.5 for
@@ -294,13 +306,9 @@ def win_rate_from_store(store, task: str, policy_source_prefix: str = "policy", 
       by_labeler: {labeler: win_rate(...)} per labeler.
     """
     wins, shares, by_labeler = [], [], {}
-    for comparison, label in store.training_set(task=task, kind=kind):
-        is_policy = [source.startswith(policy_source_prefix) for source in comparison.sources]
-        if all(is_policy) or not any(is_policy):
-            continue
-        won = is_policy[label.best]
+    for _, label, won, share in policy_verdicts(store, task, policy_source_prefix, kind):
         wins.append(won)
-        shares.append(sum(is_policy) / len(is_policy))
+        shares.append(share)
         by_labeler.setdefault(label.labeler, []).append(won)
     if not wins:
         raise ValueError(

@@ -33,7 +33,7 @@ import torch
 from labkit.checks import at_least, check_types, one_of
 from labkit.labeling.comparisons import comparison_item, policy_source, rollout_rows
 from labkit.data import Prompt
-from labkit.evaluate import win_rate
+from labkit.evaluate import policy_verdicts, win_rate
 from labkit.labeling.store import LabelStore
 from labkit.rl.trainer import PPOTrainer
 from labkit.reward import RewardConfig, RewardTrainer, examples_from_store, reward_model_from_lm
@@ -298,11 +298,10 @@ class OnlineLoop:
         """{policy source: [did pi win?] per labeled validation comparison of that policy}, policies in the order
         they were first sampled; only `labeler`'s labels if given."""
         picks: dict[str, list[bool]] = {}
-        for comparison, label in self.store.training_set(task=self.task.name, kind="validation"):
-            is_policy = [source.startswith("policy@") for source in comparison.sources]
-            if all(is_policy) or not any(is_policy) or (labeler is not None and label.labeler != labeler):
-                continue
-            picks.setdefault(comparison.sources[is_policy.index(True)], []).append(is_policy[label.best])
+        for comparison, label, won, _ in policy_verdicts(self.store, self.task.name, "policy@", kind="validation"):
+            if labeler is None or label.labeler == labeler:
+                policy = next(s for s in comparison.sources if s.startswith("policy@"))
+                picks.setdefault(policy, []).append(won)
         if not picks:
             who = "anyone" if labeler is None else repr(labeler)
             raise ValueError(f"no validation comparisons of task {self.task.name!r} are labeled by {who} yet; "
